@@ -1,0 +1,5 @@
+import sys
+
+from mae_scale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,126 @@
+"""`mae-scale <verb>`: parse, build, run, close. The verbs' work lives in their own modules.
+
+Bad input ends with one line on stderr (`error: ...`) and exit status 2, before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from mae_scale.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # refused here, before any process group or data
+    from mae_scale.distributed import init_distributed
+    from mae_scale.trainer import NonFiniteLossError, Pretrainer
+
+    env = init_distributed()
+    trainer = Pretrainer(cfg, env)
+    try:
+        result = trainer.train()
+    except NonFiniteLossError as exc:
+        last = trainer.ckpt.latest()
+        trainer.fail(f"{exc}; the step was not applied and the newest checkpoint ({last or 'none yet'}) is "
+                     "untouched: lower optim.blr or check the data, then run the same command to resume")
+        return 1
+    if env.is_main:
+        print("\ndone:")
+        print(f"  run directory    {result['run_dir']}")
+        print(f"  checkpoint       {result['checkpoint']}")
+        print(f"  reconstructions  {result['picture']}")
+        if result.get("loss_curve"):
+            print(f"  loss curve       {result['loss_curve']}")
+        if result.get("mlflow_run_id"):
+            print(f"  MLflow           {result['mlflow_uri']} (run {result['mlflow_run_id']}); "
+                  f"browse with: mlflow ui --backend-store-uri {result['mlflow_uri']}")
+    return 0
+
+
+def _make_shards(args: argparse.Namespace) -> int:
+    from data_pipeline import write_shards
+
+    src = Path(args.src)
+    if not src.exists():
+        raise UserError(f"source {src} does not exist; pass an image folder, an ImageNet-style train folder or a file list")
+    manifest = write_shards(src, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
+                            seed=args.seed, num_workers=args.workers)
+    print(f"wrote {len(manifest['shards'])} shards, {manifest['total']} samples, "
+          f"{manifest.get('num_classes') or 0} classes to {args.out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from mae_scale.bench import bench_step
+
+    rows = bench_step(model=args.model, batch=args.batch, precision=args.precision, steps=args.steps,
+                      warmup=args.warmup, img_size=args.img_size, repeats=args.repeats)
+    print(json.dumps(rows) if args.json else rows["table"])
+    return 0
+
+
+def _config_reference(args: argparse.Namespace) -> int:
+    from mae_scale.config import reference_markdown
+
+    print("| key | type | default | meaning |\n|---|---|---|---|")
+    print("\n".join(reference_markdown()))
+    return 0
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mae-scale", description="MAE pretraining at scale on DeepSpeed ZeRO.")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    p = verbs.add_parser("pretrain", help="MAE pretraining (resumes by itself from the output directory)")
+    p.add_argument("--config", required=True, help="YAML preset, e.g. configs/pretrain/mae_vit_tiny_smoke.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    p.set_defaults(run=_pretrain)
+
+    p = verbs.add_parser("make-shards", help="write an image folder or file list into WebDataset tar shards")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--prefix", default="train")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(run=_make_shards)
+
+    p = verbs.add_parser("bench", help="benchmarks that print measured figures")
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("step", help="images/s, step time, peak memory (and MFU on GPU) of the training step")
+    s.add_argument("--model", default="mae_vit_base_patch16")
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    s.add_argument("--img-size", type=int, default=224)
+    s.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    s.add_argument("--warmup", type=int, default=3)
+    s.add_argument("--repeats", type=int, default=3, help="the table shows the median over repeats")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_bench)
+
+    p = verbs.add_parser("config", help="print the config reference (every key, type, default, meaning)")
+    p.set_defaults(run=_config_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mae_scale.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, UserError) as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""The MAE pretraining loop inside a DeepSpeed ZeRO engine.
+
+`Pretrainer.train_step` is one optimizer step (forward/backward over the micro-batches, the
+finite-loss guard, the DeepSpeed step); `Pretrainer.train` is the loop (schedule, logging,
+checkpoint cadence, pictures, resume). Everything random that a resumed run must reproduce is a
+pure function of saved counters: the data order and crops of (seed, epoch, sample position), the
+masks of (seed, step, rank, micro-batch). Nothing depends on RNG state only rank 0 would save.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mae_scale import faults
+from mae_scale.checkpoint import CheckpointManager, install_safe_loader
+from mae_scale.config import PretrainConfig, check_batch_layout, flatten, peak_lr, save_config, to_dict
+from mae_scale.distributed import DistEnv, all_reduce_mean, barrier
+from mae_scale.models import build_mae
+from mae_scale.optim import build_optimizer, cosine_lr, deepspeed_config, schedule_summary, set_lr
+from mae_scale.tracking import Tracker, default_tracking_uri
+from mae_scale.visualize import normalize_on_device, reconstruction_grid, save_loss_curve
+
+PICTURE_IMAGES = 4
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes and Python versions."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def resolve_shards(cfg: PretrainConfig, env: DistEnv) -> str:
+    """The shard spec to stream; `builtin` is made once (rank 0 first, then the others find it)."""
+    if cfg.data.train_shards != "builtin":
+        return cfg.data.train_shards
+    from data_pipeline import builtin_shards
+
+    cache = Path(cfg.data.cache_dir or Path.home() / ".cache" / "mae-scale")
+    if env.is_main:
+        builtin_shards(cache)
+    barrier()
+    return str(builtin_shards(cache))
+
+
+class Pretrainer:
+    """Builds model, engine, data, checkpointing and tracking from a config; owns the loop."""
+
+    def __init__(self, cfg: PretrainConfig, env: DistEnv):
+        import deepspeed
+
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.output_dir)
+        self.accum = check_batch_layout(cfg, env.world_size)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        barrier()
+        self.shards = resolve_shards(cfg, env)
+
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        model = build_mae(cfg.model.name, img_size=cfg.data.input_size, norm_pix_loss=cfg.model.norm_pix_loss,
+                          grad_checkpointing=cfg.model.grad_checkpointing)
+        self.num_patches = model.patch_embed.num_patches
+        model.to(env.device)
+        optimizer = build_optimizer(model, cfg)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.accum), dist_init_required=False)
+        install_safe_loader(self.engine)
+
+        self.steps_per_epoch = len(self._loader(epoch=0, skip_batches=0)) // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the data gives less than one global batch of {cfg.train.global_batch_size} per epoch "
+                             f"at world size {env.world_size}; use more data or a smaller train.global_batch_size")
+        self.total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.end_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.is_main)
+        self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
+        self.resumed_from: Optional[int] = None
+        self.picture_step: Optional[int] = None
+        run_id = self._resume()
+        self.tracker = Tracker(env.is_main and cfg.tracking.enabled,
+                               default_tracking_uri(self.run_dir, cfg.tracking.tracking_uri),
+                               cfg.tracking.experiment, self.run_dir)
+        self.tracker.start(cfg.tracking.run_name or self.run_dir.resolve().name,
+                           {**flatten(to_dict(cfg)), "world_size": env.world_size, "grad_accum_steps": self.accum,
+                            **schedule_summary(cfg, self.steps_per_epoch)}, run_id=run_id)
+        if self.resumed_from is None:
+            self.tracker.log_artifact(self.run_dir / "config.yaml")
+        self._record_attempt()
+
+    # -- setup helpers -----------------------------------------------------------------------
+
+    def _loader(self, epoch: int, skip_batches: int):
+        from data_pipeline import make_loader
+
+        d, t = self.cfg.data, self.cfg.train
+        return make_loader(self.shards, t.micro_batch_size, rank=self.env.rank, world_size=self.env.world_size,
+                           num_workers=d.num_workers, epoch=epoch, seed=t.seed,
+                           skip_samples=skip_batches * t.micro_batch_size, input_size=d.input_size,
+                           crop_scale=(d.crop_scale_min, 1.0), max_bad_fraction=d.max_bad_fraction)
+
+    def _resume(self) -> Optional[str]:
+        """Load the newest complete checkpoint, if any; returns the MLflow run id it recorded."""
+        self.ckpt.remove_incomplete()
+        latest = self.ckpt.latest()
+        if latest is None:
+            return None
+        state = self.ckpt.load(self.engine, latest)
+        self.global_step, self.epoch, self.step_in_epoch = state["global_step"], state["epoch"], state["step_in_epoch"]
+        self.resumed_from = self.global_step
+        if self.step_in_epoch >= self.steps_per_epoch:  # saved on an epoch's last step
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.env.is_main:
+            self._truncate_metrics(self.global_step)
+            print(f"resumed from {latest} (step {self.global_step}, epoch {self.epoch})", flush=True)
+        return state.get("mlflow_run_id")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop metric rows after the checkpoint: those steps are about to be run again."""
+        path = self.run_dir / "metrics.jsonl"
+        if path.is_file():
+            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def _record_attempt(self) -> None:
+        """One line per start of the run: when, where, at what world size, from which step."""
+        if not self.env.is_main:
+            return
+        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+               "world_size": self.env.world_size, "resumed_from_step": self.resumed_from,
+               "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
+               "mlflow_run_id": self.tracker.run_id}
+        with open(self.run_dir / "attempts.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def mask_noise(self, step: int, micro: int, batch: int, generator_seed: Optional[int] = None) -> torch.Tensor:
+        """Masking noise [B, L] from (seed, step, rank, micro-batch): reproducible after a resume."""
+        seed = generator_seed if generator_seed is not None else derived_seed(
+            self.cfg.train.seed, step, self.env.rank, micro)
+        gen = torch.Generator(device=self.env.device).manual_seed(seed)
+        return torch.rand(batch, self.num_patches, generator=gen, device=self.env.device)
+
+    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        """One optimizer step over `accum` micro-batches; returns the step's mean loss (all ranks)."""
+        step_losses = []
+        for i, batch in enumerate(micro_batches):
+            imgs = normalize_on_device(batch["image"], self.env.device)
+            noise = self.mask_noise(self.global_step, i, imgs.shape[0])
+            loss, _, _ = self.engine(imgs, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
+            if faults.armed("nan_loss", self.global_step):
+                loss = loss * float("nan")
+            step_losses.append(loss.detach())
+            self.engine.backward(loss)
+            if i == len(micro_batches) - 1:
+                # The guard before the last step(): a non-finite step is never applied or saved.
+                mean_loss = all_reduce_mean(torch.stack(step_losses).mean())
+                if not torch.isfinite(mean_loss):
+                    raise NonFiniteLossError(
+                        f"loss became {mean_loss.item()} at step {self.global_step}")
+            self.engine.step()
+        return mean_loss
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        peak = peak_lr(cfg)
+        if self.env.is_main:
+            print(f"run {self.run_dir}: {cfg.model.name}, world size {self.env.world_size}, "
+                  f"global batch {t.global_batch_size} = {self.env.world_size} x {t.micro_batch_size} x {self.accum}, "
+                  f"{self.steps_per_epoch} steps/epoch, steps {self.global_step}->{self.end_step}, peak lr {peak:.3g}",
+                  flush=True)
+        started, steps_run = time.perf_counter(), 0
+        last_saved = self.resumed_from
+        picture, micro_batches = None, None
+        while self.global_step < self.end_step:
+            loader = iter(self._loader(self.epoch, self.step_in_epoch * self.accum))
+            while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.end_step:
+                t0 = time.perf_counter()
+                micro_batches = [next(loader) for _ in range(self.accum)]
+                lr = cosine_lr(self.global_step, self.steps_per_epoch, t.epochs, t.warmup_epochs, peak, cfg.optim.min_lr)
+                set_lr(self.optimizer, lr)
+                loss = self.train_step(micro_batches)
+                self.global_step += 1
+                self.step_in_epoch += 1
+                steps_run += 1
+                step_time = time.perf_counter() - t0
+                if self.global_step % t.log_every_steps == 0 or self.global_step == self.end_step:
+                    self._log(loss, lr, step_time, started, steps_run)
+                if cfg.tracking.image_every_steps and self.global_step % cfg.tracking.image_every_steps == 0:
+                    picture = self._picture(micro_batches[0])
+                if self.global_step % cfg.checkpoint.every_steps == 0:
+                    self._save()
+                    last_saved = self.global_step
+            if self.step_in_epoch == self.steps_per_epoch:  # epoch finished
+                if not cfg.tracking.image_every_steps and micro_batches is not None:
+                    picture = self._picture(micro_batches[0])
+                self.epoch += 1
+                self.step_in_epoch = 0
+        if last_saved != self.global_step:
+            self._save()
+        if micro_batches is not None and self.picture_step != self.global_step:
+            picture = self._picture(micro_batches[0])  # the run always ends with a current picture
+        return self._finish(picture)
+
+    def _log(self, loss: torch.Tensor, lr: float, step_time: float, started: float, steps_run: int) -> None:
+        if not self.env.is_main:
+            return
+        loss_value = loss.item()
+        elapsed = time.perf_counter() - started
+        per_step = elapsed / steps_run
+        images_per_s = self.cfg.train.global_batch_size / step_time
+        eta = (self.end_step - self.global_step) * per_step
+        print(f"step {self.global_step}/{self.end_step} | epoch {self.epoch} | loss {loss_value:.4f} | "
+              f"lr {lr:.3g} | {images_per_s:.1f} img/s | step {step_time:.3f}s | ETA {format_eta(eta)}", flush=True)
+        row = {"step": self.global_step, "epoch": self.epoch, "loss": loss_value, "lr": lr,
+               "images_per_s": images_per_s, "step_time_s": step_time}
+        with open(self.run_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=self.global_step)
+
+    def _picture(self, batch: dict) -> Optional[Path]:
+        """Reconstructions of a few images of this step. Every rank runs the forward (ZeRO-3
+        gathers parameters collectively); rank 0 writes and logs the picture."""
+        self.picture_step = self.global_step  # the same on every rank: decides collective calls
+        imgs = normalize_on_device(batch["image"][:PICTURE_IMAGES], self.env.device)
+        noise = self.mask_noise(0, 0, imgs.shape[0], generator_seed=self.cfg.train.seed)
+        grid = reconstruction_grid(self.engine.module, imgs, self.cfg.model.mask_ratio, noise)
+        if not self.env.is_main:
+            return None
+        out = self.run_dir / "reconstructions" / f"step_{self.global_step:08d}.png"
+        out.parent.mkdir(exist_ok=True)
+        grid.save(out)
+        self.tracker.log_artifact(out, "reconstructions")
+        return out
+
+    def _client_state(self) -> dict:
+        return {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "mlflow_run_id": self.tracker.run_id, "world_size": self.env.world_size, "accum": self.accum}
+
+    def _save(self) -> Path:
+        path = self.ckpt.save(self.engine, self.global_step, self._client_state(), self.env.world_size)
+        self.last_checkpoint = path
+        if self.env.is_main:
+            self.tracker.set_tags({"last_checkpoint": path.resolve(), "last_checkpoint_step": self.global_step})
+        return path
+
+    def _finish(self, picture: Optional[Path]) -> dict:
+        result = {"run_dir": str(self.run_dir.resolve()), "checkpoint": str(self.ckpt.latest()),
+                  "picture": str(picture) if picture else None, "steps": self.global_step,
+                  "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id}
+        if self.env.is_main:
+            curve = self.run_dir / "loss_curve.png"
+            if save_loss_curve(self.run_dir / "metrics.jsonl", curve):
+                self.tracker.log_artifact(curve)
+                result["loss_curve"] = str(curve)
+            self.tracker.finish("FINISHED")
+            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+        barrier()
+        return result
+
+    def fail(self, message: str) -> None:
+        if self.env.is_main:
+            self.tracker.set_tags({"failure": message})
+            self.tracker.finish("FAILED")
+        print(f"error: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,91 @@
+"""Pictures people would rather look at than read: MAE reconstructions and the loss curve.
+
+The reconstruction grid has one row per image and four columns, as in the MAE paper's figures:
+original | masked input | reconstruction | reconstruction with the visible patches pasted back.
+With norm_pix_loss the model predicts per-patch normalized pixels; to show them, each predicted
+patch is mapped back with its original patch's mean and std (the usual way to view such models).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_on_device(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [N,3,H,W] -> float32 normalized on `device` (normalization belongs on the device)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
+    return (images_uint8.to(device, non_blocking=True).float() - mean) / std
+
+
+def _to_uint8(imgs: torch.Tensor) -> np.ndarray:
+    """Normalized float [N,3,H,W] -> uint8 [N,H,W,3]."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    pixels = (imgs.detach().float().cpu() * std + mean).clamp(0, 1) * 255
+    return pixels.round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
+def reconstruction_images(model, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor):
+    """Run the model and return the four panels as normalized float tensors [N,3,H,W]."""
+    _, pred, mask = model(imgs, mask_ratio=mask_ratio, noise=noise)
+    pred = pred.float()
+    if model.norm_pix_loss:  # undo the per-patch normalization with the true patch statistics
+        target = model.patchify(imgs.float())
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1e-6) ** 0.5 + mean
+    recon = model.unpatchify(pred)
+    p = model.patch_embed.patch_size[0]
+    mask_img = model.unpatchify(mask.float().unsqueeze(-1).repeat(1, 1, p * p * 3))  # 1 = masked
+    imgs = imgs.float()
+    masked = imgs * (1 - mask_img)
+    pasted = imgs * (1 - mask_img) + recon * mask_img
+    return imgs, masked, recon, pasted
+
+
+def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor) -> Image.Image:
+    panels = [_to_uint8(x) for x in reconstruction_images(model, imgs, mask_ratio, noise)]
+    rows = [np.concatenate([panel[i] for panel in panels], axis=1) for i in range(panels[0].shape[0])]
+    grid = np.concatenate(rows, axis=0)
+    return Image.fromarray(grid)
+
+
+def save_loss_curve(metrics_file: Path, out_png: Path) -> bool:
+    """Plot loss and lr from the run's metrics.jsonl (one JSON object per logged step)."""
+    if not metrics_file.is_file():
+        return False
+    steps, losses, lrs = [], [], []
+    for line in metrics_file.read_text().splitlines():
+        row = json.loads(line)
+        steps.append(row["step"])
+        losses.append(row["loss"])
+        lrs.append(row["lr"])
+    if not steps:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
+    ax_loss.plot(steps, losses, lw=1)
+    ax_loss.set_ylabel("loss")
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, lrs, lw=1, color="tab:orange")
+    ax_lr.set_ylabel("lr")
+    ax_lr.set_xlabel("optimizer step")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True

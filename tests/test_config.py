@@ -1,0 +1,81 @@
+"""The typed config: presets load, overrides apply, bad configs are refused with one line and exit 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mae_scale.config import ConfigError, check_batch_layout, load_config, peak_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs/pretrain/mae_vit_tiny_smoke.yaml"
+HUGE = ROOT / "configs/pretrain/mae_vit_huge_patch14_800ep.yaml"
+
+
+def test_huge_preset_is_the_paper_recipe(tmp_path):
+    cfg = load_config(HUGE, [f"data.train_shards={tmp_path}"])
+    assert cfg.model.name == "mae_vit_huge_patch14"
+    assert cfg.model.mask_ratio == 0.75 and cfg.model.norm_pix_loss
+    assert cfg.train.global_batch_size == 4096 and cfg.train.epochs == 800 and cfg.train.warmup_epochs == 40
+    assert cfg.optim.blr == 1.5e-4 and cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.05
+    assert cfg.optim.min_lr == 0.0 and cfg.optim.clip_grad is None
+    assert cfg.data.input_size == 224 and cfg.data.crop_scale_min == 0.2
+    assert peak_lr(cfg) == pytest.approx(1.5e-4 * 4096 / 256)
+
+
+def test_inherited_presets_change_only_what_they_say(tmp_path):
+    large = load_config(ROOT / "configs/pretrain/mae_vit_large_patch16_800ep.yaml", [f"data.train_shards={tmp_path}"])
+    base = load_config(ROOT / "configs/pretrain/mae_vit_base_patch16_1600ep.yaml", [f"data.train_shards={tmp_path}"])
+    assert large.model.name == "mae_vit_large_patch16" and large.train.epochs == 800
+    assert base.model.name == "mae_vit_base_patch16" and base.train.epochs == 1600
+    assert base.optim.blr == large.optim.blr == 1.5e-4 and base.train.global_batch_size == 4096
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(SMOKE, ["train.max_steps=7", "optim.lr=0.001", "tracking.run_name=123", "optim.clip_grad=null"])
+    assert cfg.train.max_steps == 7 and cfg.optim.lr == 0.001 and cfg.tracking.run_name == "123"
+    assert cfg.optim.clip_grad is None and peak_lr(cfg) == 0.001
+
+
+@pytest.mark.parametrize("override, words", [
+    ("model.mask_ratio=1.0", "model.mask_ratio"),
+    ("model.mask_ratio=0", "model.mask_ratio"),
+    ("model.name=vit_gigantic", "mae_vit_huge_patch14"),
+    ("train.bogus=1", "unknown key train.bogus"),
+    ("train.micro_batch_size=many", "train.micro_batch_size"),
+    ("train.precision=fp16", "'bf16', 'fp32'"),
+    ("train.zero_stage=4", "train.zero_stage"),
+    ("data.train_shards=/does/not/exist", "data.train_shards"),
+    ("train.global_batch_size=33", "not divisible"),
+])
+def test_bad_config_refused(override, words):
+    with pytest.raises(ConfigError) as info:
+        load_config(SMOKE, [override])
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_batch_layout_checks_world_size():
+    cfg = load_config(SMOKE, ["train.global_batch_size=48", "train.micro_batch_size=8"])
+    assert check_batch_layout(cfg, 2) == 3
+    with pytest.raises(ConfigError, match="world size 4"):
+        check_batch_layout(cfg, 4)
+    cfg = load_config(SMOKE, ["train.grad_accum_steps=5"])
+    with pytest.raises(ConfigError, match="grad_accum_steps"):
+        check_batch_layout(cfg, 1)
+
+
+def test_cli_refuses_before_any_work(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "mae_scale", "pretrain", "--config", str(SMOKE),
+                           "model.mask_ratio=1.5", f"output_dir={out}"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: model.mask_ratio=1.5")
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing was started
+
+
+def test_cli_missing_preset_file():
+    proc = subprocess.run([sys.executable, "-m", "mae_scale", "pretrain", "--config", "nope.yaml"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "nope.yaml does not exist" in proc.stderr
