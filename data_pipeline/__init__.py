@@ -1,0 +1,33 @@
+"""mae-scale data pipeline: image folders -> WebDataset shards -> augmented uint8 batches.
+
+Knows nothing about models or DeepSpeed. The pieces:
+
+- ``shards``: write an ImageNet-style folder / file list to tar shards + manifest; verify them.
+- ``stream``: per-rank, per-worker deterministic epoch streams with exact resume (``make_loader``).
+- ``augment``: fast JPEG decode + MAE RandomResizedCrop/flip, uint8 out (normalise on device).
+- ``samples``: tiny real-photo data sets made offline, for demos and tests.
+"""
+
+from .augment import DEFAULT_MAX_PIXELS, BadImage, MAEAugment, crop_params, decode_rgb
+from .samples import builtin_shards, make_sample_folder
+from .shards import MANIFEST_FORMAT, read_manifest, verify_shards, write_shards
+from .stream import ShardLoader, ShardSet, TooManyBadSamples, make_loader, resolve_shards
+
+__all__ = [
+    "BadImage",
+    "DEFAULT_MAX_PIXELS",
+    "MANIFEST_FORMAT",
+    "MAEAugment",
+    "ShardLoader",
+    "ShardSet",
+    "TooManyBadSamples",
+    "builtin_shards",
+    "crop_params",
+    "decode_rgb",
+    "make_loader",
+    "make_sample_folder",
+    "read_manifest",
+    "resolve_shards",
+    "verify_shards",
+    "write_shards",
+]

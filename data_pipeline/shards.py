@@ -1,0 +1,417 @@
+"""Write an image folder or a file list to WebDataset tar shards with a manifest; verify them.
+
+Shards let every rank stream large sequential reads instead of millions of small-file opens, and
+the manifest (sample counts, sizes, sha256) lets the loader know the epoch length without reading
+a byte of data (``stream.py``). Layout::
+
+    out_dir/train-000000.tar   members KEY.jpg (the source file's bytes, never re-encoded)
+                                       KEY.cls (label as ASCII integer; labelled sources only)
+    out_dir/manifest.json      {"format": "mae-scale-shards/1", "prefix", "shards": [{"name",
+                                "samples", "bytes", "sha256"}], "total", "num_classes", "classes"}
+
+Samples are shuffled across shards by ``seed`` so each shard mixes classes. Every tar is written
+under a hidden temporary name, fsynced and renamed, so a file with a shard's name is always
+complete; a rerun after an interruption writes only the missing shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .tario import IMAGE_EXTS, iter_tar_samples
+
+__all__ = ["write_shards", "read_manifest", "verify_shards", "MANIFEST_FORMAT", "MANIFEST_NAME"]
+
+MANIFEST_FORMAT = "mae-scale-shards/1"
+MANIFEST_NAME = "manifest.json"
+_SOURCE_EXTS = frozenset("." + e for e in IMAGE_EXTS) | {".jpe"}
+
+
+@dataclass(frozen=True)
+class _Item:
+    path: Path
+    key: str
+    ext: str  # member extension: "jpg" for any JPEG name, else the file's own suffix
+    label: int | None
+
+
+def _member_ext(path: Path) -> str:
+    suffix = path.suffix.lower().lstrip(".")
+    return "jpg" if suffix in ("jpg", "jpeg", "jpe") else suffix
+
+
+def _make_key(rel: str) -> str:
+    # webdataset cuts the key at the first dot of the base name, so no dot may remain in it
+    rel = rel.replace(os.sep, "/").lstrip("/")
+    while rel.startswith("./"):
+        rel = rel[2:]
+    stem = rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel
+    return stem.replace(".", "_")
+
+
+def _images_under(d: Path) -> list[Path]:
+    out = []
+    for root, dirs, files in os.walk(d, followlinks=True):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        out.extend(
+            Path(root) / f
+            for f in sorted(files)
+            if not f.startswith(".") and Path(f).suffix.lower() in _SOURCE_EXTS
+        )
+    return out
+
+
+def _collect(src: Path) -> tuple[list[_Item], list[str] | None, int]:
+    """(items in a stable order, class names or None, num_classes) for any supported source."""
+    if src.is_file():
+        return _collect_list(src)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source {src} is neither a directory nor a file list")
+    root = src / "train" if (src / "train").is_dir() else src
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if class_dirs:
+        classes = [d.name for d in class_dirs]
+        items = [
+            _Item(p, _make_key(str(p.relative_to(root))), _member_ext(p), label)
+            for label, d in enumerate(class_dirs)
+            for p in _images_under(d)
+        ]
+        return items, classes, len(classes)
+    items = [_Item(p, _make_key(p.name), _member_ext(p), None) for p in _images_under(root)]
+    return items, None, 0
+
+
+def _collect_list(list_file: Path) -> tuple[list[_Item], None, int]:
+    items: list[_Item] = []
+    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        path_s, _, label_s = line.rstrip("\n").partition("\t")
+        label: int | None = None
+        if label_s.strip():
+            try:
+                label = int(label_s.strip())
+            except ValueError:
+                msg = f"{list_file}:{lineno}: label {label_s!r} is not an integer"
+                raise ValueError(msg) from None
+            if label < 0:
+                raise ValueError(f"{list_file}:{lineno}: negative label {label}")
+        p = Path(path_s.strip())
+        full = p if p.is_absolute() else list_file.parent / p
+        items.append(_Item(full, _make_key(path_s.strip()), _member_ext(p), label))
+    labelled = {it.label is not None for it in items}
+    if len(labelled) > 1:
+        raise ValueError(f"{list_file}: some lines have a label and some don't; label all or none")
+    num_classes = max((it.label for it in items if it.label is not None), default=-1) + 1
+    return items, None, num_classes
+
+
+def _check_keys(items: list[_Item]) -> None:
+    seen: dict[str, Path] = {}
+    for it in items:
+        if it.key in seen:
+            raise ValueError(
+                f"two sources map to the same sample key {it.key!r}: {seen[it.key]} and {it.path} "
+                "(keys are paths without extension, dots replaced by '_'); rename one"
+            )
+        seen[it.key] = it.path
+
+
+def _plan_hash(items: list[_Item], prefix: str, samples_per_shard: int, seed: int) -> str:
+    h = hashlib.sha256(json.dumps([prefix, samples_per_shard, seed]).encode())
+    for it in items:
+        h.update(f"{it.key}\0{it.ext}\0{it.label}\0{it.path.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # fixed metadata so a rewritten shard is byte-identical (same sha256) to the first one
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode = size, 0, 0o444
+    ti.uid = ti.gid = 0
+    ti.uname = ti.gname = ""
+    return ti
+
+
+def _write_tar(path: Path, items: Iterable[_Item], on_sample: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    try:
+        with open(tmp, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+                for it in items:
+                    data = it.path.read_bytes()
+                    tf.addfile(_tarinfo(f"{it.key}.{it.ext}", len(data)), io.BytesIO(data))
+                    if it.label is not None:
+                        cls = str(it.label).encode()
+                        tf.addfile(_tarinfo(f"{it.key}.cls", len(cls)), io.BytesIO(cls))
+                    on_sample()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _Progress:
+    """One self-overwriting stderr line: shards, images, images/s, ETA."""
+
+    def __init__(self, total: int, shards: int, enabled: bool) -> None:
+        self.total, self.shards, self.enabled = total, shards, enabled
+        self.done = self.written = self.shards_done = 0
+        self.start = self.last = time.monotonic()
+        self.lock = threading.Lock()
+
+    def skip(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            self.shards_done += 1
+
+    def sample(self) -> None:
+        with self.lock:
+            self.done += 1
+            self.written += 1
+            now = time.monotonic()
+            if self.enabled and now - self.last >= 0.5:
+                self.last = now
+                self._print(now)
+
+    def shard(self) -> None:
+        with self.lock:
+            self.shards_done += 1
+
+    def _print(self, now: float, end: str = "") -> None:
+        rate = self.written / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
+        sys.stderr.write(
+            f"\rwrite_shards: {self.shards_done}/{self.shards} shards, {self.done}/{self.total} "
+            f"images, {rate:.0f} img/s, ETA {eta_s}   {end}"
+        )
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._print(time.monotonic(), end="\n")
+
+
+def write_shards(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    prefix: str = "train",
+    samples_per_shard: int = 1000,
+    seed: int = 0,
+    num_workers: int = 1,
+    progress: bool = True,
+) -> dict:
+    """Write ``src`` to ``out_dir/<prefix>-NNNNNN.tar`` shards plus ``manifest.json``; return it.
+
+    ``src``: an ImageNet-style folder (``src/<synset>/...`` or ``src/train/<synset>/...``; label =
+    index of the synset in sorted order), a plain folder of images (no labels), or a text file
+    with one image path per line (relative to the file), optionally followed by ``\\t<label>``.
+    Idempotent: shards that already exist from the same plan (same sources, sizes, labels,
+    ``prefix``, ``samples_per_shard``, ``seed``) are kept; a different plan in the same
+    directory is an error. ``num_workers`` threads write shards in parallel (I/O bound).
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not prefix or "/" in prefix or "." in prefix:
+        raise ValueError(f"prefix must be a plain name without '/' or '.', got {prefix!r}")
+    items, classes, num_classes = _collect(Path(src))
+    if not items:
+        raise ValueError(f"no images found in {src} (extensions: {sorted(_SOURCE_EXTS)})")
+    _check_keys(items)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = _plan_hash(items, prefix, samples_per_shard, seed)
+    _claim_dir(out, plan, prefix)
+
+    order = np.random.default_rng(seed).permutation(len(items))
+    chunks = [
+        [items[i] for i in order[s : s + samples_per_shard]]
+        for s in range(0, len(items), samples_per_shard)
+    ]
+    names = [f"{prefix}-{i:06d}.tar" for i in range(len(chunks))]
+    prog = _Progress(len(items), len(chunks), progress)
+
+    def one(i: int) -> dict:
+        path = out / names[i]
+        if path.exists():  # complete by construction: only a finished tar is ever renamed here
+            prog.skip(len(chunks[i]))
+        else:
+            _write_tar(path, chunks[i], prog.sample)
+            prog.shard()
+        return {"name": names[i], "samples": len(chunks[i]), "bytes": path.stat().st_size,
+                "sha256": _file_sha256(path)}
+
+    try:
+        if num_workers > 1:
+            with ThreadPoolExecutor(max_workers=num_workers) as pool:
+                entries = list(pool.map(one, range(len(chunks))))
+        else:
+            entries = [one(i) for i in range(len(chunks))]
+    finally:
+        prog.close()
+
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "prefix": prefix,
+        "shards": entries,
+        "total": len(items),
+        "num_classes": num_classes,
+        "classes": classes,
+        "samples_per_shard": samples_per_shard,
+        "seed": seed,
+        "plan": plan,
+    }
+    _atomic_write_json(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _claim_dir(out: Path, plan: str, prefix: str) -> None:
+    """Record this plan in ``out``; refuse to mix shards of a different plan into it."""
+    plan_file = out / f".{prefix}-plan.json"
+    if plan_file.exists():
+        old = json.loads(plan_file.read_text()).get("plan")
+        if old == plan:
+            return
+        if any(out.glob(f"{prefix}-*.tar")):
+            raise ValueError(
+                f"{out} already holds '{prefix}' shards written from different sources or "
+                "settings; write to an empty directory (or delete those shards) instead"
+            )
+    elif any(out.glob(f"{prefix}-*.tar")):
+        raise ValueError(f"{out} holds '{prefix}-*.tar' files not written by write_shards; "
+                         "use an empty directory")
+    _atomic_write_json(plan_file, {"plan": plan})
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path_or_dir: str | os.PathLike) -> dict:
+    """Load and sanity-check a manifest (a ``manifest.json`` path or the directory holding one)."""
+    p = Path(path_or_dir)
+    if p.is_dir():
+        p = p / MANIFEST_NAME
+    try:
+        m = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shard manifest at {p}; run write_shards first") from None
+    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{p} is not a {MANIFEST_FORMAT} manifest (format={m.get('format')!r})")
+    missing = {"prefix", "shards", "total", "num_classes", "classes"} - m.keys()
+    if missing:
+        raise ValueError(f"{p} lacks fields {sorted(missing)}")
+    if sum(s["samples"] for s in m["shards"]) != m["total"]:
+        raise ValueError(f"{p}: shard sample counts do not add up to total={m['total']}")
+    return m
+
+
+class _HashingReader(io.RawIOBase):
+    """Read-through file wrapper that hashes what passes, so verify reads each shard once."""
+
+    def __init__(self, f: io.BufferedReader) -> None:
+        self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        b = self.f.read(size)
+        self.h.update(b)
+        self.n += len(b)
+        return b
+
+    def drain(self) -> None:
+        while b := self.read(1 << 20):
+            pass
+
+
+def verify_shards(out_dir: str | os.PathLike) -> list[str]:
+    """Re-read every shard against the manifest; return the problems found (empty: all good).
+
+    Checks existence, size, sha256, per-shard sample count, one image member per sample, integer
+    in-range labels when the set is labelled, unique keys, and unlisted shard files.
+    """
+    out = Path(out_dir)
+    try:
+        m = read_manifest(out)
+    except (OSError, ValueError) as e:
+        return [str(e)]
+    problems: list[str] = []
+    labelled = m["num_classes"] > 0
+    keys: set[str] = set()
+    for entry in m["shards"]:
+        name, path = entry["name"], out / entry["name"]
+        if not path.exists():
+            problems.append(f"{name}: missing")
+            continue
+        if path.stat().st_size != entry["bytes"]:
+            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
+        n = 0
+        with open(path, "rb") as f:
+            r = _HashingReader(f)
+            try:
+                for _, key, members in iter_tar_samples(r):
+                    n += 1
+                    found = _sample_problems(key, members, labelled, m["num_classes"])
+                    problems.extend(f"{name}: {p}" for p in found)
+                    if key in keys:
+                        problems.append(f"{name}: duplicate key {key}")
+                    keys.add(key)
+            except tarfile.TarError as e:
+                problems.append(f"{name}: unreadable tar ({e})")
+            r.drain()
+        if r.h.hexdigest() != entry["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest")
+        if n != entry["samples"]:
+            problems.append(f"{name}: {n} samples, manifest says {entry['samples']}")
+    listed = {e["name"] for e in m["shards"]}
+    problems.extend(f"{p.name}: shard file not in the manifest"
+                    for p in sorted(out.glob(f"{m['prefix']}-*.tar")) if p.name not in listed)
+    return problems
+
+
+def _sample_problems(
+    key: str, members: dict[str, bytes] | None, labelled: bool, num_classes: int
+) -> list[str]:
+    members = members or {}
+    out = []
+    if not any(e in members for e in IMAGE_EXTS):
+        out.append(f"{key}: no image member (has {sorted(members)})")
+    elif not next(members[e] for e in IMAGE_EXTS if e in members):
+        out.append(f"{key}: zero-byte image")
+    if labelled:
+        try:
+            label = int(members["cls"].decode().strip())
+            if not 0 <= label < num_classes:
+                out.append(f"{key}: label {label} outside [0, {num_classes})")
+        except (KeyError, ValueError, UnicodeDecodeError):
+            out.append(f"{key}: missing or non-integer .cls")
+    return out

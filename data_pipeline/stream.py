@@ -1,0 +1,441 @@
+"""Stream augmented batches from tar shards: rank/worker split, (seed, epoch) shuffle, exact resume.
+
+The whole epoch is a pure function of (shards, seed, epoch, world_size, num_workers, batch_size),
+which is what makes exact resume and equal per-rank lengths possible:
+
+1. Epoch stream. The shard order is permuted by (seed, epoch); concatenating the shards in that
+   order gives a stream of N samples, each with a *global position* 0..N-1.
+2. Ranges. The stream is cut into R = world_size * W contiguous ranges (W = max(num_workers, 1))
+   of ``per = (N // R) // batch_size * batch_size`` samples; the last ``N - R * per`` samples
+   (fewer than R * batch_size) are dropped this epoch (a different tail every epoch,
+   because the shard order changes). Range ``r = rank * W + worker``. A worker opens only the
+   shards its range touches and passes over earlier members of the first one without reading
+   their data.
+3. Order. Within its range a worker shuffles with a bounded buffer (``shuffle_buffer``) seeded by
+   (seed, epoch, rank, worker, world_size). The shuffle runs on positions, not on data, so the
+   worker knows its whole output order up front and can drop a prefix of it without decoding.
+4. Augmentation randomness for the sample at position p is a generator seeded by
+   (seed, epoch, p): skipping never changes later samples' crops (nor does the world size).
+5. Batches. Each worker yields ``per // batch_size`` whole batches; DataLoader takes them round
+   robin (worker 0, 1, ..., W-1, 0, ...), so the rank's batch order is deterministic and
+   ``len(loader) = W * (per // batch_size)``, the same on every rank.
+
+Resume: ``skip_samples`` = samples this rank already consumed this epoch (batches * batch_size).
+Rank-local batch b came from worker ``b % W``; each worker drops its share of the first
+``skip_samples / batch_size`` batches, and DataLoader worker ids are rotated so that round robin
+starts at the worker that owns the next batch. ``len(loader)`` stays the full epoch length on
+purpose (the schedule and epoch bookkeeping are in full epochs); ``loader.remaining`` is what this
+iteration will yield.
+
+Bad samples (zero-byte, undecodable, too many pixels, no image member, non-integer ``.cls``, a
+shard shorter than its manifest says) are counted by kind in ``loader.bad_counts`` and the first
+few are logged. Their slots are refilled *inside the same batch* by another augmentation (fresh
+crop) of a good sample from that batch (or, if the whole batch is bad, of the next good sample
+later in the worker's order). Refilling within the batch rather than pulling the next sample
+keeps every batch a function of its own positions only, so resume stays exact without decoding
+the skipped part, and every rank keeps the same length. A worker whose bad share exceeds
+``max_bad_fraction`` raises :class:`TooManyBadSamples`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from braceexpand import braceexpand
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import gopen
+
+from .augment import BadImage, MAEAugment
+from .shards import MANIFEST_NAME, read_manifest
+from .tario import IMAGE_EXTS, count_tar_samples, iter_tar_samples
+
+__all__ = ["make_loader", "ShardLoader", "ShardSet", "resolve_shards", "TooManyBadSamples"]
+
+log = logging.getLogger(__name__)
+
+Augment = Callable[[bytes, torch.Generator], torch.Tensor]
+_M64 = (1 << 64) - 1
+_MAX_LOGGED = 5  # bad-sample warnings per worker per epoch
+_MIN_JUDGED = 200  # samples a worker sees before its bad share is judged (or its whole range)
+
+
+class TooManyBadSamples(RuntimeError):
+    """The share of bad samples passed ``max_bad_fraction``."""
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Shard URLs and their sample counts, in the manifest's (canonical) order."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+
+def _from_manifest(path: Path) -> ShardSet:
+    m = read_manifest(path)
+    d = path if path.is_dir() else path.parent
+    return ShardSet(tuple(str(d / s["name"]) for s in m["shards"]),
+                    tuple(int(s["samples"]) for s in m["shards"]))
+
+
+def _count(url: str) -> int:
+    f = gopen(url, "rb")
+    try:
+        return count_tar_samples(f)
+    finally:
+        f.close()
+
+
+def resolve_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> ShardSet:
+    """Accept a manifest path, a shard dir with ``manifest.json``, a brace pattern
+    (``dir/train-{000000..000003}.tar``) or a list of tar paths/URLs (``pipe:`` works).
+
+    Without a manifest the samples are counted by reading every tar once, unless all tars sit in
+    one local directory whose manifest lists them.
+    """
+    if isinstance(shards, (str, os.PathLike)):
+        s = os.fspath(shards)
+        p = Path(s)
+        if "{" not in s and not s.startswith("pipe:"):
+            if p.is_dir():
+                return _from_manifest(p)
+            if p.suffix == ".json":
+                return _from_manifest(p)
+        urls = list(braceexpand(s))
+    else:
+        urls = [os.fspath(u) for u in shards]
+    if not urls:
+        raise ValueError("empty shard list")
+    local = [Path(u) for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if len(local) == len(urls) and len({p.parent for p in local}) == 1:
+        mpath = local[0].parent / MANIFEST_NAME
+        if mpath.exists():
+            counts = {s["name"]: int(s["samples"]) for s in read_manifest(mpath)["shards"]}
+            if all(p.name in counts for p in local):
+                return ShardSet(tuple(urls), tuple(counts[p.name] for p in local))
+    return ShardSet(tuple(urls), tuple(_count(u) for u in urls))
+
+
+def _mix(*values: int) -> int:
+    """A 64-bit seed from integers (splitmix64 steps): cheap enough to call once per sample."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _M64)) * 0xBF58476D1CE4E5B9 & _M64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _M64
+        h ^= h >> 31
+    return h
+
+
+def _bounded_shuffle(start: int, n: int, bufsize: int, rng: np.random.Generator) -> list[int]:
+    """Positions start..start+n-1 in the order a size-``bufsize`` shuffle buffer emits them."""
+    if n <= bufsize:
+        return (start + rng.permutation(n)).tolist()
+    buf = list(range(start, start + bufsize))
+    out: list[int] = []
+    nxt = start + bufsize
+    for j in rng.integers(0, bufsize, size=n - bufsize).tolist():
+        out.append(buf[j])
+        buf[j] = nxt
+        nxt += 1
+    out.extend(buf[i] for i in rng.permutation(bufsize).tolist())
+    return out
+
+
+class _Fetcher:
+    """Random access to upcoming positions of a forward-only sample stream, holding what was
+    read ahead until it is asked for (memory stays ~ the shuffle buffer)."""
+
+    def __init__(self, samples: Iterator[tuple[int, str, dict[str, bytes] | None]]) -> None:
+        self.samples = samples
+        self.held: dict[int, tuple[str, dict[str, bytes]]] = {}
+        self.last = -1
+        self.done = False
+
+    def get(self, pos: int, keep: bool = False) -> tuple[str, dict[str, bytes]] | None:
+        while pos not in self.held and self.last < pos and not self.done:
+            try:
+                q, key, members = next(self.samples)
+            except StopIteration:
+                self.done = True
+                break
+            self.last = q
+            if members is not None:
+                self.held[q] = (key, members)
+        return self.held.get(pos) if keep else self.held.pop(pos, None)
+
+
+class ShardStream(IterableDataset):
+    """One rank's epoch; each (DataLoader) worker yields the batches of its own range."""
+
+    def __init__(self, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, epoch: int, seed: int, skip_batches: int, augment: Augment,
+                 max_bad_fraction: float, shuffle_buffer: int) -> None:
+        self.ss = shardset
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.W = max(num_workers, 1)
+        self.epoch, self.seed, self.skip_batches = epoch, seed, skip_batches
+        self.augment, self.max_bad_fraction = augment, max_bad_fraction
+        self.shuffle_buffer = shuffle_buffer
+        self.per = (shardset.total // (world_size * self.W)) // batch_size * batch_size
+        # shard order and each shard's first global position in this epoch's stream
+        perm = np.random.default_rng([seed & _M64, epoch, 0x5EED]).permutation(len(shardset.urls))
+        self.order = perm.tolist()
+        counts = [shardset.counts[i] for i in self.order]
+        self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+
+    @property
+    def batches_per_worker(self) -> int:
+        return self.per // self.batch_size
+
+    def worker_skip(self, worker: int) -> int:
+        """Batches of ``worker`` among the first ``skip_batches`` (round robin from worker 0)."""
+        return self.skip_batches // self.W + (worker < self.skip_batches % self.W)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        # rotate ids so DataLoader's round robin (always from id 0) starts at the worker that
+        # owns batch number skip_batches
+        yield from self._worker((wid + self.skip_batches) % self.W)
+
+    def positions(self, worker: int) -> list[int]:
+        """Global positions in the order this worker consumes them (before any skip)."""
+        r = self.rank * self.W + worker
+        rng = np.random.default_rng([self.seed & _M64, self.epoch, self.rank, worker,
+                                     self.world_size, 0x5B0F])
+        return _bounded_shuffle(r * self.per, self.per, self.shuffle_buffer, rng)
+
+    def _read(self, needed: set[int], lo: int, hi: int) -> Iterator[tuple[int, str, dict | None]]:
+        """Samples at positions lo..hi in order; data read only for ``needed`` positions."""
+        for t, shard in enumerate(self.order):
+            s, c = self.starts[t], self.ss.counts[shard]
+            if s + c <= lo or s > hi:
+                continue
+            f = gopen(self.ss.urls[shard], "rb")
+            try:
+                for i, key, members in iter_tar_samples(
+                    f, want=lambda i, s=s: s + i in needed, stop=min(c, hi - s + 1)
+                ):
+                    yield s + i, key, members
+            finally:
+                f.close()
+
+    def _worker(self, worker: int) -> Iterator[dict]:
+        B = self.batch_size
+        skip = self.worker_skip(worker)
+        todo = self.positions(worker)[skip * B:]
+        if not todo:
+            return
+        fetch = _Fetcher(self._read(set(todo), min(todo), max(todo)))
+        aug_gen = torch.Generator()
+        bad_total, seen, logged = 0, 0, 0
+        # the same threshold with or without skip, so a resumed loader does not judge its short
+        # tail more harshly than the full run did (it only counts what it has seen itself)
+        judge_after = min(_MIN_JUDGED, self.per)
+        for b in range(len(todo) // B):
+            slots = todo[b * B:(b + 1) * B]
+            good: list[tuple[int, str, dict, int, torch.Tensor]] = []
+            bad: Counter[str] = Counter()
+            for pos in slots:
+                got = fetch.get(pos)
+                out = self._decode(pos, got, aug_gen, repeat=0)
+                if isinstance(out, tuple):
+                    good.append((pos, got[0], got[1], *out))
+                else:
+                    bad[out.kind] += 1
+                    if logged < _MAX_LOGGED:
+                        logged += 1
+                        key = got[0] if got else f"<position {pos}>"
+                        log.warning("skipping bad sample %s (%s): %s", key, out.kind, out.reason)
+            seen += len(slots)
+            bad_total += sum(bad.values())
+            if seen >= judge_after and bad_total > self.max_bad_fraction * seen:
+                raise TooManyBadSamples(
+                    f"{bad_total} of {seen} samples ({bad_total / seen:.2%}) were bad "
+                    f"({dict(bad)} in the last batch), above max_bad_fraction="
+                    f"{self.max_bad_fraction}: check the shards with "
+                    "data_pipeline.verify_shards, or raise max_bad_fraction"
+                )
+            if len(good) < B:
+                good = self._refill(good, B, worker, (skip + b + 1) * B, fetch, aug_gen)
+            yield {
+                "image": torch.stack([g[4] for g in good]),
+                "key": [g[1] for g in good],
+                "label": torch.tensor([g[3] for g in good], dtype=torch.int64),
+                "bad": dict(bad),
+            }
+
+    def _decode(self, pos: int, got: tuple[str, dict] | None, gen: torch.Generator,
+                repeat: int) -> tuple[int, torch.Tensor] | BadImage:
+        """(label, image) or the reason the sample is bad."""
+        if got is None:
+            return BadImage("missing", "shard has fewer samples than its manifest says")
+        _, members = got
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            return BadImage("no_image", f"no image member (has {sorted(members)})")
+        label = -1
+        if "cls" in members:
+            try:
+                label = int(members["cls"].decode().strip())
+            except (ValueError, UnicodeDecodeError):
+                return BadImage("bad_label", f"non-integer .cls {members['cls'][:20]!r}")
+        gen.manual_seed(_mix(self.seed, self.epoch, pos, repeat))
+        try:
+            return label, self.augment(members[ext], gen)
+        except BadImage as e:
+            return e
+        except (RuntimeError, ValueError, OSError) as e:
+            return BadImage("undecodable", f"{type(e).__name__}: {e}")
+
+    def _refill(self, good: list, B: int, worker: int, done: int, fetch: _Fetcher,
+                gen: torch.Generator) -> list:
+        """Top a batch up to B with fresh augmentations of its good samples (see module doc).
+
+        ``done``: how many of the worker's positions precede the ones after this batch.
+        """
+        donors = list(good)
+        if not donors:
+            # whole batch bad: borrow the next good sample in the worker's order, wrapping to
+            # the start of its range; a pure function of the data, so resume stays exact
+            order = self.positions(worker)
+            later, earlier = order[done:], order[: done - B]
+            donor = self._first_good(later, fetch, gen)
+            if donor is None and earlier:
+                donor = self._first_good(
+                    earlier, _Fetcher(self._read(set(earlier), min(earlier), max(earlier))), gen
+                )
+            if donor is None:
+                raise TooManyBadSamples(
+                    f"rank {self.rank}: no sample in its worker range {worker} decodes; check "
+                    "the shards with data_pipeline.verify_shards"
+                )
+            donors = [donor]
+        out = list(good)
+        repeat = 1 + (not good)  # repeat 1 was used for the borrowed donor itself
+        while len(out) < B:
+            for pos, key, members, _, _ in donors:
+                if len(out) == B:
+                    break
+                label, img = self._decode(pos, (key, members), gen, repeat=repeat)
+                out.append((pos, key, members, label, img))
+            repeat += 1
+        return out
+
+    def _first_good(self, candidates: list[int], fetch: _Fetcher, gen: torch.Generator):
+        for pos in candidates:
+            got = fetch.get(pos, keep=True)  # keep: it is still emitted in its own batch
+            out = self._decode(pos, got, gen, repeat=1)
+            if isinstance(out, tuple):
+                return (pos, got[0], got[1], *out)
+        return None
+
+
+class ShardLoader:
+    """Iterable of batches ``{"image": uint8 [B,3,S,S], "key": list[str], "label": int64 [B]}``.
+
+    ``len()`` is the full epoch's batch count for this rank (identical on all ranks, unaffected
+    by ``skip_samples``); ``remaining`` is what one iteration yields. ``bad_counts`` holds the
+    bad samples by kind seen during the current/last iteration.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool,
+                 prefetch_factor: int | None) -> None:
+        self.stream = stream
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.bad_counts: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return self.stream.W * self.stream.batches_per_worker
+
+    @property
+    def remaining(self) -> int:
+        return len(self) - self.stream.skip_batches
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples this rank sees per epoch (``len(self) * batch_size``)."""
+        return len(self) * self.stream.batch_size
+
+    def __iter__(self) -> Iterator[dict]:
+        self.bad_counts = Counter()
+        if self.num_workers == 0:
+            batches: Iterator[dict] = iter(self.stream)
+        else:
+            batches = iter(DataLoader(
+                self.stream, batch_size=None, num_workers=self.num_workers,
+                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                persistent_workers=False,
+            ))
+        for batch in batches:
+            self.bad_counts.update(batch.pop("bad"))
+            yield batch
+
+
+def make_loader(
+    shards: str | os.PathLike | Sequence[str | os.PathLike] | ShardSet,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    epoch: int = 0,
+    seed: int = 0,
+    skip_samples: int = 0,
+    input_size: int = 224,
+    augment: str | Augment = "mae",
+    max_bad_fraction: float = 0.01,
+    shuffle_buffer: int = 1000,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+) -> ShardLoader:
+    """The batches of one rank for one epoch; see the module docstring for the exact semantics.
+
+    ``skip_samples`` (a multiple of ``batch_size``): samples this rank already consumed in this
+    epoch; the loader yields exactly the batches an unskipped loader yields after that many,
+    without decoding the skipped ones. ``augment``: ``"mae"`` or a callable
+    ``(bytes, torch.Generator) -> uint8 [3, S, S]``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if skip_samples < 0 or skip_samples % batch_size:
+        raise ValueError(f"skip_samples={skip_samples} must be a non-negative multiple of "
+                         f"batch_size={batch_size} (it counts whole consumed batches)")
+    ss = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+    aug = MAEAugment(input_size) if augment == "mae" else augment
+    if not callable(aug):
+        raise ValueError(f"augment must be 'mae' or a callable, got {augment!r}")
+    stream = ShardStream(
+        ss, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
+        epoch=epoch, seed=seed, skip_batches=skip_samples // batch_size, augment=aug,
+        max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer,
+    )
+    W = stream.W
+    if stream.per == 0:
+        raise ValueError(
+            f"{ss.total} samples cannot give each of {world_size} ranks x {W} workers one batch "
+            f"of {batch_size}; lower batch_size or num_workers, or add data"
+        )
+    loader = ShardLoader(stream, num_workers, pin_memory,
+                         prefetch_factor if num_workers > 0 else None)
+    if stream.skip_batches > len(loader):
+        raise ValueError(f"skip_samples={skip_samples} is more than this rank's epoch of "
+                         f"{len(loader) * batch_size} samples")
+    return loader
