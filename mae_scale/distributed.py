@@ -47,7 +47,13 @@ def prepare_env() -> None:
 
 def init_distributed() -> DistEnv:
     prepare_env()
+    import logging
+
     import deepspeed
+
+    # DeepSpeed logs every save/load at INFO on every rank; the trainer prints its own progress.
+    deepspeed.utils.logger.setLevel(os.environ.get("MAE_SCALE_DS_LOG_LEVEL", "WARNING"))
+    logging.getLogger("torch.distributed").setLevel(logging.WARNING)
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)

@@ -112,13 +112,14 @@ class Pretrainer:
     # -- setup helpers -----------------------------------------------------------------------
 
     def _loader(self, epoch: int, skip_batches: int):
-        from data_pipeline import make_loader
+        from data_pipeline import MAEAugment, make_loader
 
         d, t = self.cfg.data, self.cfg.train
         return make_loader(self.shards, t.micro_batch_size, rank=self.env.rank, world_size=self.env.world_size,
                            num_workers=d.num_workers, epoch=epoch, seed=t.seed,
                            skip_samples=skip_batches * t.micro_batch_size, input_size=d.input_size,
-                           crop_scale=(d.crop_scale_min, 1.0), max_bad_fraction=d.max_bad_fraction)
+                           augment=MAEAugment(d.input_size, scale=(d.crop_scale_min, 1.0)),
+                           max_bad_fraction=d.max_bad_fraction)
 
     def _resume(self) -> Optional[str]:
         """Load the newest complete checkpoint, if any; returns the MLflow run id it recorded."""
