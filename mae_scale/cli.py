@@ -18,10 +18,16 @@ def _pretrain(args: argparse.Namespace) -> int:
     from mae_scale.distributed import init_distributed
     from mae_scale.trainer import NonFiniteLossError, Pretrainer
 
+    from data_pipeline import TooManyBadSamples
+
     env = init_distributed()
     trainer = Pretrainer(cfg, env)
     try:
         result = trainer.train()
+    except TooManyBadSamples as exc:
+        trainer.fail(f"{str(exc).splitlines()[0]} (raise data.max_bad_fraction to accept more); "
+                     f"the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) is untouched")
+        return 1
     except NonFiniteLossError as exc:
         last = trainer.ckpt.latest()
         trainer.fail(f"{exc}; the step was not applied and the newest checkpoint ({last or 'none yet'}) is "
@@ -50,6 +56,27 @@ def _make_shards(args: argparse.Namespace) -> int:
                             seed=args.seed, num_workers=args.workers)
     print(f"wrote {len(manifest['shards'])} shards, {manifest['total']} samples, "
           f"{manifest.get('num_classes') or 0} classes to {args.out}")
+    return 0
+
+
+def _verify_shards(args: argparse.Namespace) -> int:
+    from data_pipeline import verify_shards
+
+    if not (Path(args.shards) / "manifest.json").is_file():
+        raise UserError(f"{args.shards} has no manifest.json; point at a folder written by `mae-scale make-shards`")
+    problems = verify_shards(args.shards)
+    for problem in problems:
+        print(problem)
+    print(f"{len(problems)} problem(s) found in {args.shards}" if problems else f"{args.shards}: all shards match the manifest")
+    return 1 if problems else 0
+
+
+def _bench_data(args: argparse.Namespace) -> int:
+    from data_pipeline.bench import bench_data
+
+    result = bench_data(args.shards, workers=args.workers, batch_size=args.batch, input_size=args.img_size,
+                        repeats=args.repeats)
+    print(json.dumps({k: v for k, v in result.items() if k != "table"}) if args.json else result["table"])
     return 0
 
 
@@ -105,6 +132,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=3, help="the table shows the median over repeats")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_bench)
+    s = sub.add_parser("data", help="images/s (and per core) of the loader vs the official PIL+torchvision pipeline")
+    s.add_argument("shards", help="manifest, shard folder or brace pattern")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--batch", type=int, default=64)
+    s.add_argument("--img-size", type=int, default=224)
+    s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=_bench_data)
+
+    p = verbs.add_parser("data", help="data utilities")
+    sub = p.add_subparsers(dest="what", required=True)
+    s = sub.add_parser("verify", help="re-read shards against their manifest (counts, checksums)")
+    s.add_argument("shards")
+    s.set_defaults(run=_verify_shards)
 
     p = verbs.add_parser("config", help="print the config reference (every key, type, default, meaning)")
     p.set_defaults(run=_config_reference)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 import os
 import socket
 import sys
@@ -98,6 +99,7 @@ class Pretrainer:
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.resumed_from: Optional[int] = None
         self.picture_step: Optional[int] = None
+        self.bad_before_epoch: Counter = Counter()  # bad samples skipped in earlier epochs of this process
         run_id = self._resume()
         self.tracker = Tracker(env.is_main and cfg.tracking.enabled,
                                default_tracking_uri(self.run_dir, cfg.tracking.tracking_uri),
@@ -198,7 +200,8 @@ class Pretrainer:
         last_saved = self.resumed_from
         picture, micro_batches = None, None
         while self.global_step < self.end_step:
-            loader = iter(self._loader(self.epoch, self.step_in_epoch * self.accum))
+            self.data = self._loader(self.epoch, self.step_in_epoch * self.accum)
+            loader = iter(self.data)
             while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.end_step:
                 t0 = time.perf_counter()
                 micro_batches = [next(loader) for _ in range(self.accum)]
@@ -216,6 +219,7 @@ class Pretrainer:
                 if self.global_step % cfg.checkpoint.every_steps == 0:
                     self._save()
                     last_saved = self.global_step
+            self.bad_before_epoch.update(self.data.bad_counts)
             if self.step_in_epoch == self.steps_per_epoch:  # epoch finished
                 if not cfg.tracking.image_every_steps and micro_batches is not None:
                     picture = self._picture(micro_batches[0])
@@ -235,10 +239,14 @@ class Pretrainer:
         per_step = elapsed / steps_run
         images_per_s = self.cfg.train.global_batch_size / step_time
         eta = (self.end_step - self.global_step) * per_step
+        bad = self.bad_before_epoch + self.data.bad_counts  # rank 0's share, this process
+        bad_note = f" | {sum(bad.values())} bad samples skipped" if bad else ""
         print(f"step {self.global_step}/{self.end_step} | epoch {self.epoch} | loss {loss_value:.4f} | "
-              f"lr {lr:.3g} | {images_per_s:.1f} img/s | step {step_time:.3f}s | ETA {format_eta(eta)}", flush=True)
+              f"lr {lr:.3g} | {images_per_s:.1f} img/s | step {step_time:.3f}s | ETA {format_eta(eta)}{bad_note}",
+              flush=True)
         row = {"step": self.global_step, "epoch": self.epoch, "loss": loss_value, "lr": lr,
-               "images_per_s": images_per_s, "step_time_s": step_time}
+               "images_per_s": images_per_s, "step_time_s": step_time, "bad_samples": sum(bad.values()),
+               **{f"bad_samples_{kind}": n for kind, n in bad.items()}}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=self.global_step)

@@ -1,0 +1,94 @@
+"""`mae-scale bench data`: images/s of the project's loader against the official MAE pipeline
+(PIL decode + torchvision RandomResizedCrop/flip + ToTensor + Normalize, float output), on the
+same shards, with the same number of worker processes, side by side in one run.
+
+Per-core figures divide by the number of processes that do the work (workers, or 1 when the
+main process decodes). Each configuration is timed over whole passes of the shards; the table
+shows the median of the repeats and the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import gopen
+
+from .stream import make_loader, resolve_shards
+from .tario import IMAGE_EXTS, iter_tar_samples
+
+
+class OfficialPipeline(IterableDataset):
+    """The official MAE training transform, reading the same tar shards (split across workers)."""
+
+    def __init__(self, urls: tuple[str, ...], input_size: int):
+        from torchvision import transforms
+
+        self.urls = urls
+        self.transform = transforms.Compose([
+            transforms.RandomResizedCrop(input_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ])
+
+    def __iter__(self):
+        import io
+
+        from PIL import Image
+
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for url in self.urls[worker::workers]:
+            with gopen(url) as stream:
+                for _, _, members in iter_tar_samples(stream):
+                    data = next((members[e] for e in IMAGE_EXTS if e in members), None)
+                    if data is None:
+                        continue
+                    try:
+                        img = Image.open(io.BytesIO(data)).convert("RGB")
+                    except Exception:
+                        continue
+                    yield self.transform(img)
+
+
+def _time_pass(make_iter) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    count = 0
+    for batch in make_iter():
+        count += (batch["image"] if isinstance(batch, dict) else batch).shape[0]
+    return count, time.perf_counter() - t0
+
+
+def bench_data(shards: str, workers: int = 1, batch_size: int = 64, input_size: int = 224,
+               repeats: int = 3) -> dict:
+    torch.set_num_threads(1)  # one core per process, as in a real multi-worker loader
+    shard_set = resolve_shards(shards)
+    cores = max(workers, 1)
+
+    def project():
+        return make_loader(shards, batch_size, num_workers=workers, input_size=input_size, epoch=0)
+
+    def official():
+        return DataLoader(OfficialPipeline(shard_set.urls, input_size), batch_size=batch_size, num_workers=workers)
+
+    rates: dict[str, list[float]] = {"project (decode_jpeg + crop-then-resize, uint8)": [], "official MAE (PIL + torchvision, float)": []}
+    for _ in range(repeats):  # alternate the two so that machine noise hits both alike
+        for name, make in zip(rates, (project, official)):
+            count, seconds = _time_pass(make)
+            rates[name].append(count / seconds)
+    medians = {name: statistics.median(values) for name, values in rates.items()}
+    base = medians["official MAE (PIL + torchvision, float)"]
+    lines = [
+        f"shards: {shard_set.total} samples in {len(shard_set.urls)} shards; workers: {workers}; "
+        f"batch {batch_size}; {input_size} px; median of {repeats} passes",
+        "| pipeline | images/s | images/s per core | x official |",
+        "|---|---|---|---|",
+    ]
+    for name, rate in medians.items():
+        lines.append(f"| {name} | {rate:.0f} | {rate / cores:.0f} | {rate / base:.2f} |")
+    return {"medians": medians, "per_core": {k: v / cores for k, v in medians.items()},
+            "ratio": medians["project (decode_jpeg + crop-then-resize, uint8)"] / base,
+            "workers": workers, "samples": shard_set.total, "table": "\n".join(lines)}
