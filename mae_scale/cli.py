@@ -103,6 +103,8 @@ class UserError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mae-scale", description="MAE pretraining at scale on DeepSpeed ZeRO.")
+    # The `deepspeed` launcher puts --local_rank before the verb; LOCAL_RANK in the env is what counts.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("pretrain", help="MAE pretraining (resumes by itself from the output directory)")

@@ -52,3 +52,22 @@ def test_keep_last_prunes_old_checkpoints(small_shards, tmp_path):
     out = tmp_path / "run"
     run_pretrain(base_overrides(small_shards, out, **{"train.max_steps": 8, "checkpoint.keep_last": 2}))
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000008"]
+
+
+@pytest.mark.distributed
+def test_deepspeed_launcher_world_2(small_shards, tmp_path):
+    """`deepspeed --num_gpus 2 --module mae_scale ...` passes --local_rank before the verb."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ROOT, SMOKE, run_env
+
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    out = tmp_path / "run"
+    cmd = [launcher, "--num_gpus", "2", "--master_port", "29561", "--module", "mae_scale", "pretrain",
+           "--config", str(SMOKE), *base_overrides(small_shards, out, **{"train.max_steps": 2})]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=run_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_marker(latest_checkpoint(out))["world_size"] == 2
