@@ -7,7 +7,11 @@ a byte of data (``stream.py``). Layout::
     out_dir/train-000000.tar   members KEY.jpg (the source file's bytes, never re-encoded)
                                        KEY.cls (label as ASCII integer; labelled sources only)
     out_dir/manifest.json      {"format": "mae-scale-shards/1", "prefix", "shards": [{"name",
-                                "samples", "bytes", "sha256"}], "total", "num_classes", "classes"}
+                                "samples", "bytes", "sha256"}], "total", "num_classes", "classes",
+                                "samples_per_shard", "max_bytes_per_shard", "seed", "plan"}
+
+A shard holds at most ``samples_per_shard`` samples and, when ``max_bytes_per_shard`` is set, at
+most that many bytes (unless one sample alone is larger).
 
 Samples are shuffled across shards by ``seed`` so each shard mixes classes. Every tar is written
 under a hidden temporary name, fsynced and renamed, so a file with a shard's name is always
@@ -131,8 +135,12 @@ def _check_keys(items: list[_Item]) -> None:
         seen[it.key] = it.path
 
 
-def _plan_hash(items: list[_Item], prefix: str, samples_per_shard: int, seed: int) -> str:
-    h = hashlib.sha256(json.dumps([prefix, samples_per_shard, seed]).encode())
+def _plan_hash(items: list[_Item], prefix: str, samples_per_shard: int, seed: int,
+               max_bytes_per_shard: int | None = None) -> str:
+    settings: list = [prefix, samples_per_shard, seed]
+    if max_bytes_per_shard is not None:  # absent when unset: older plans keep their hash
+        settings.append(max_bytes_per_shard)
+    h = hashlib.sha256(json.dumps(settings).encode())
     for it in items:
         h.update(f"{it.key}\0{it.ext}\0{it.label}\0{it.path.stat().st_size}\n".encode())
     return h.hexdigest()
@@ -144,6 +152,48 @@ def _file_sha256(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _member_bytes(name: str, size: int) -> int:
+    """Bytes a member takes in a PAX tar written by ``_write_tar``: its header block(s) (with a
+    PAX extended header when the name needs one) plus data padded to 512."""
+    header = _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return len(header) + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _sample_bytes(it: _Item) -> int:
+    n = _member_bytes(f"{it.key}.{it.ext}", it.path.stat().st_size)
+    if it.label is not None:
+        n += _member_bytes(f"{it.key}.cls", len(str(it.label).encode()))
+    return n
+
+
+def _tar_bytes(members: int) -> int:
+    """File size of a tar whose members take ``members`` bytes: + end blocks, record padding."""
+    n = members + 2 * tarfile.BLOCKSIZE
+    return -(-n // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
+def _split(items: list[_Item], samples_per_shard: int,
+           max_bytes_per_shard: int | None) -> list[list[_Item]]:
+    """Cut ``items`` (in order) into shards: a shard closes when the next sample would pass
+    ``samples_per_shard`` or make the tar file larger than ``max_bytes_per_shard`` (a sample
+    too large on its own gets a shard to itself). Exact tar sizes, from source sizes."""
+    if max_bytes_per_shard is None:
+        return [items[s : s + samples_per_shard] for s in range(0, len(items), samples_per_shard)]
+    chunks: list[list[_Item]] = []
+    cur: list[_Item] = []
+    used = 0
+    for it in items:
+        n = _sample_bytes(it)
+        if cur and (len(cur) >= samples_per_shard or _tar_bytes(used + n) > max_bytes_per_shard):
+            chunks.append(cur)
+            cur, used = [], 0
+        cur.append(it)
+        used += n
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
@@ -222,6 +272,7 @@ def write_shards(
     *,
     prefix: str = "train",
     samples_per_shard: int = 1000,
+    max_bytes_per_shard: int | None = None,
     seed: int = 0,
     num_workers: int = 1,
     progress: bool = True,
@@ -234,9 +285,15 @@ def write_shards(
     Idempotent: shards that already exist from the same plan (same sources, sizes, labels,
     ``prefix``, ``samples_per_shard``, ``seed``) are kept; a different plan in the same
     directory is an error. ``num_workers`` threads write shards in parallel (I/O bound).
+
+    ``max_bytes_per_shard``: also close a shard before the sample that would make its tar file
+    larger than this many bytes (exact tar size, computed from the source file sizes; a single
+    sample larger than the limit gets a shard of its own). Part of the plan and the manifest.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if max_bytes_per_shard is not None and max_bytes_per_shard < 1:
+        raise ValueError(f"max_bytes_per_shard must be >= 1 or None, got {max_bytes_per_shard}")
     if not prefix or "/" in prefix or "." in prefix:
         raise ValueError(f"prefix must be a plain name without '/' or '.', got {prefix!r}")
     items, classes, num_classes = _collect(Path(src))
@@ -245,14 +302,11 @@ def write_shards(
     _check_keys(items)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    plan = _plan_hash(items, prefix, samples_per_shard, seed)
+    plan = _plan_hash(items, prefix, samples_per_shard, seed, max_bytes_per_shard)
     _claim_dir(out, plan, prefix)
 
     order = np.random.default_rng(seed).permutation(len(items))
-    chunks = [
-        [items[i] for i in order[s : s + samples_per_shard]]
-        for s in range(0, len(items), samples_per_shard)
-    ]
+    chunks = _split([items[i] for i in order], samples_per_shard, max_bytes_per_shard)
     names = [f"{prefix}-{i:06d}.tar" for i in range(len(chunks))]
     prog = _Progress(len(items), len(chunks), progress)
 
@@ -283,6 +337,7 @@ def write_shards(
         "num_classes": num_classes,
         "classes": classes,
         "samples_per_shard": samples_per_shard,
+        "max_bytes_per_shard": max_bytes_per_shard,
         "seed": seed,
         "plan": plan,
     }

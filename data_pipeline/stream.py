@@ -180,14 +180,21 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
                  num_workers: int, epoch: int, seed: int, skip_batches: int, augment: Augment,
-                 max_bad_fraction: float, shuffle_buffer: int) -> None:
+                 max_bad_fraction: float, shuffle_buffer: int, resampled: bool = False,
+                 epoch_samples: int | None = None, raw_jpeg: bool = False) -> None:
         self.ss = shardset
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.W = max(num_workers, 1)
         self.epoch, self.seed, self.skip_batches = epoch, seed, skip_batches
         self.augment, self.max_bad_fraction = augment, max_bad_fraction
         self.shuffle_buffer = shuffle_buffer
-        self.per = (shardset.total // (world_size * self.W)) // batch_size * batch_size
+        self.resampled = resampled
+        self.raw_jpeg = raw_jpeg  # batched decode: JPEGs leave the worker undecoded (_RawJPEG)
+        self.epoch_samples = shardset.total if epoch_samples is None else epoch_samples
+        n = self.epoch_samples if resampled else shardset.total
+        self.per = (n // (world_size * self.W)) // batch_size * batch_size
+        self._aug_key: tuple[int, ...] = ()  # resampled: (rank, worker), set per worker
+        self._layouts: dict[int, tuple[list[int], list[int]]] = {}
         # shard order and each shard's first global position in this epoch's stream
         perm = np.random.default_rng([seed & _M64, epoch, 0x5EED]).permutation(len(shardset.urls))
         self.order = perm.tolist()
@@ -209,17 +216,43 @@ class ShardStream(IterableDataset):
         # owns batch number skip_batches
         yield from self._worker((wid + self.skip_batches) % self.W)
 
+    def layout(self, worker: int) -> tuple[list[int], list[int]]:
+        """(shard indices, first position of each) of the stream ``worker``'s positions index:
+        the epoch's permuted shard order, or (resampled) the worker's own random shard draws."""
+        if not self.resampled:
+            return self.order, self.starts
+        if worker not in self._layouts:
+            rng = np.random.default_rng([self.seed & _M64, self.epoch, self.rank, worker, 0x2E5A])
+            p = np.asarray(self.ss.counts, dtype=float) / self.ss.total
+            order: list[int] = []
+            starts: list[int] = []
+            n = 0
+            while n < self.per:
+                # shards drawn with probability ~ their sample count: every sample equally likely
+                for shard in rng.choice(len(p), size=64, p=p).tolist():
+                    if n >= self.per:
+                        break
+                    order.append(shard)
+                    starts.append(n)
+                    n += self.ss.counts[shard]
+            self._layouts[worker] = (order, starts)
+        return self._layouts[worker]
+
     def positions(self, worker: int) -> list[int]:
-        """Global positions in the order this worker consumes them (before any skip)."""
+        """Positions (in ``layout(worker)``'s stream) in the order this worker consumes them
+        (before any skip): a range of the global stream, or (resampled) 0..per-1."""
         r = self.rank * self.W + worker
         rng = np.random.default_rng([self.seed & _M64, self.epoch, self.rank, worker,
                                      self.world_size, 0x5B0F])
-        return _bounded_shuffle(r * self.per, self.per, self.shuffle_buffer, rng)
+        start = 0 if self.resampled else r * self.per
+        return _bounded_shuffle(start, self.per, self.shuffle_buffer, rng)
 
-    def _read(self, needed: set[int], lo: int, hi: int) -> Iterator[tuple[int, str, dict | None]]:
+    def _read(self, needed: set[int], lo: int, hi: int,
+              worker: int) -> Iterator[tuple[int, str, dict | None]]:
         """Samples at positions lo..hi in order; data read only for ``needed`` positions."""
-        for t, shard in enumerate(self.order):
-            s, c = self.starts[t], self.ss.counts[shard]
+        order, starts = self.layout(worker)
+        for t, shard in enumerate(order):
+            s, c = starts[t], self.ss.counts[shard]
             if s + c <= lo or s > hi:
                 continue
             f = gopen(self.ss.urls[shard], "rb")
@@ -237,7 +270,8 @@ class ShardStream(IterableDataset):
         todo = self.positions(worker)[skip * B:]
         if not todo:
             return
-        fetch = _Fetcher(self._read(set(todo), min(todo), max(todo)))
+        self._aug_key = (self.rank, worker, 0x2E5A) if self.resampled else ()
+        fetch = _Fetcher(self._read(set(todo), min(todo), max(todo), worker))
         aug_gen = torch.Generator()
         bad_total, seen, logged = 0, 0, 0
         # the same threshold with or without skip, so a resumed loader does not judge its short
@@ -269,8 +303,9 @@ class ShardStream(IterableDataset):
                 )
             if len(good) < B:
                 good = self._refill(good, B, worker, (skip + b + 1) * B, fetch, aug_gen)
+            imgs = [g[4] for g in good]
             yield {
-                "image": torch.stack([g[4] for g in good]),
+                "image": imgs if self.raw_jpeg else torch.stack(imgs),
                 "key": [g[1] for g in good],
                 "label": torch.tensor([g[3] for g in good], dtype=torch.int64),
                 "bad": dict(bad),
@@ -291,8 +326,13 @@ class ShardStream(IterableDataset):
                 label = int(members["cls"].decode().strip())
             except (ValueError, UnicodeDecodeError):
                 return BadImage("bad_label", f"non-integer .cls {members['cls'][:20]!r}")
-        gen.manual_seed(_mix(self.seed, self.epoch, pos, repeat))
+        # resampled: positions are per worker and samples repeat, so the worker is in the key
+        gen.manual_seed(_mix(self.seed, self.epoch, pos, repeat, *self._aug_key))
         try:
+            if self.raw_jpeg:
+                raw = _raw_jpeg(members[ext], self.augment, gen)
+                if raw is not None:
+                    return label, raw
             return label, self.augment(members[ext], gen)
         except BadImage as e:
             return e
@@ -314,7 +354,8 @@ class ShardStream(IterableDataset):
             donor = self._first_good(later, fetch, gen)
             if donor is None and earlier:
                 donor = self._first_good(
-                    earlier, _Fetcher(self._read(set(earlier), min(earlier), max(earlier))), gen
+                    earlier,
+                    _Fetcher(self._read(set(earlier), min(earlier), max(earlier), worker)), gen
                 )
             if donor is None:
                 raise TooManyBadSamples(

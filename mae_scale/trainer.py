@@ -278,6 +278,8 @@ class Pretrainer:
         return path
 
     def _finish(self, picture: Optional[Path]) -> dict:
+        if picture is None and (self.run_dir / "reconstructions").is_dir():  # a rerun of a finished run
+            picture = max((self.run_dir / "reconstructions").glob("step_*.png"), default=None)
         result = {"run_dir": str(self.run_dir.resolve()), "checkpoint": str(self.ckpt.latest()),
                   "picture": str(picture) if picture else None, "steps": self.global_step,
                   "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id}

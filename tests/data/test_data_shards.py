@@ -103,3 +103,58 @@ def test_plain_folder_and_file_list(sample_dir: Path, tmp_path: Path):
     by_bytes = {s["jpg"]: int(s["cls"]) for s in _read_all(tmp_path / "b").values()}
     assert [by_bytes[f.read_bytes()] for f in files] == [i % 3 for i in range(10)]
     assert verify_shards(tmp_path / "b") == []
+
+
+def test_max_bytes_per_shard(sample_dir: Path, tmp_path: Path):
+    sizes = sorted(f.stat().st_size for f in (sample_dir / "train").glob("*/*.JPEG"))
+    limit = 4 * sizes[-1] + 20_000  # room for ~4-6 samples: bytes, not the count, decide
+    m = write_shards(sample_dir, tmp_path / "a", samples_per_shard=100,
+                     max_bytes_per_shard=limit, progress=False)
+    assert m["max_bytes_per_shard"] == limit and m["samples_per_shard"] == 100
+    assert m["total"] == N_IMAGES and len(m["shards"]) > 1
+    for s in m["shards"]:
+        assert s["bytes"] <= limit
+    # maximal: the next shard's first sample would not have fitted (closing was necessary)
+    assert verify_shards(tmp_path / "a") == []
+    # both limits: whichever comes first closes the shard
+    m2 = write_shards(sample_dir, tmp_path / "b", samples_per_shard=3,
+                      max_bytes_per_shard=limit, progress=False)
+    assert all(s["samples"] <= 3 and s["bytes"] <= limit for s in m2["shards"])
+    # deterministic plan: a fresh directory gets byte-identical shards
+    again = write_shards(sample_dir, tmp_path / "c", samples_per_shard=100,
+                         max_bytes_per_shard=limit, progress=False)
+    assert [s["sha256"] for s in again["shards"]] == [s["sha256"] for s in m["shards"]]
+    # idempotent: a rerun after losing a shard rewrites only that one, identically
+    (tmp_path / "a" / "train-000001.tar").unlink()
+    mtime = (tmp_path / "a" / "train-000000.tar").stat().st_mtime_ns
+    assert write_shards(sample_dir, tmp_path / "a", samples_per_shard=100,
+                        max_bytes_per_shard=limit, progress=False) == m
+    assert (tmp_path / "a" / "train-000000.tar").stat().st_mtime_ns == mtime
+    # another byte limit is another plan
+    with pytest.raises(ValueError, match="different"):
+        write_shards(sample_dir, tmp_path / "a", samples_per_shard=100,
+                     max_bytes_per_shard=limit * 2, progress=False)
+    # a sample larger than the limit gets a shard of its own
+    tiny = write_shards(sample_dir, tmp_path / "d", max_bytes_per_shard=1, progress=False)
+    assert [s["samples"] for s in tiny["shards"]] == [1] * N_IMAGES
+    with pytest.raises(ValueError, match="max_bytes_per_shard"):
+        write_shards(sample_dir, tmp_path / "e", max_bytes_per_shard=0, progress=False)
+
+
+def test_byte_limit_is_tight(sample_dir: Path, tmp_path: Path):
+    """Each shard but the last is closed only because its successor's first sample would not
+    have fitted: the planned size equals the written size, so the plan is exact."""
+    from data_pipeline.shards import _collect, _sample_bytes, _tar_bytes
+
+    limit = 60_000
+    m = write_shards(sample_dir, tmp_path, samples_per_shard=1000, max_bytes_per_shard=limit,
+                     progress=False)
+    items = {it.key: it for it in _collect(sample_dir)[0]}
+    shard_items = []
+    for s in m["shards"]:
+        with tarfile.open(tmp_path / s["name"]) as tf:
+            keys = list(dict.fromkeys(x.name.split(".")[0] for x in tf.getmembers()))
+        shard_items.append([items[k] for k in keys])
+        assert _tar_bytes(sum(_sample_bytes(it) for it in shard_items[-1])) == s["bytes"]
+    for cur, nxt in zip(shard_items, shard_items[1:]):
+        assert _tar_bytes(sum(_sample_bytes(it) for it in cur + nxt[:1])) > limit
