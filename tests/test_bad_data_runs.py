@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import base_overrides, run_pretrain
+from run_helpers import base_overrides, run_pretrain
 
 
 @pytest.fixture(scope="module")

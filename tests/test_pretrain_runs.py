@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from conftest import base_overrides, run_pretrain
+from run_helpers import base_overrides, run_pretrain
 from mae_scale.checkpoint import latest_checkpoint, read_marker
 from mae_scale.optim import cosine_lr
 
@@ -62,7 +62,7 @@ def test_deepspeed_launcher_world_2(small_shards, tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import ROOT, SMOKE, run_env
+    from run_helpers import ROOT, SMOKE, run_env
 
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     out = tmp_path / "run"

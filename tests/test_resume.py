@@ -11,7 +11,7 @@ import time
 import pytest
 
 from ckpt_utils import assert_same_checkpoint
-from conftest import ROOT, base_overrides, pretrain_cmd, run_env, run_pretrain
+from run_helpers import ROOT, base_overrides, pretrain_cmd, run_env, run_pretrain
 from mae_scale.checkpoint import MARKER, complete_checkpoints, latest_checkpoint
 
 

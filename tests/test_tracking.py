@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, base_overrides, pretrain_cmd, run_env, run_pretrain
+from run_helpers import ROOT, base_overrides, pretrain_cmd, run_env, run_pretrain
 
 
 def _artifacts(client, run_id, path=None):
