@@ -3,12 +3,22 @@
 Knows nothing about models or DeepSpeed. The pieces:
 
 - ``shards``: write an ImageNet-style folder / file list to tar shards + manifest; verify them.
-- ``stream``: per-rank, per-worker deterministic epoch streams with exact resume (``make_loader``).
-- ``augment``: fast JPEG decode + MAE RandomResizedCrop/flip, uint8 out (normalise on device).
+- ``stream``: per-rank, per-worker deterministic epoch streams with exact resume (``make_loader``);
+  optionally resampled (with replacement, fixed epoch length) and/or decoded batched on a GPU.
+- ``augment``: fast JPEG decode + MAE RandomResizedCrop/flip, uint8 out (normalise on device);
+  ``decode_batch``: the batched (nvJPEG) decode behind ``make_loader(decode_device=...)``.
 - ``samples``: tiny real-photo data sets made offline, for demos and tests.
 """
 
-from .augment import DEFAULT_MAX_PIXELS, BadImage, MAEAugment, crop_params, decode_rgb
+from .augment import (
+    DEFAULT_MAX_PIXELS,
+    BadImage,
+    MAEAugment,
+    RawJPEG,
+    crop_params,
+    decode_batch,
+    decode_rgb,
+)
 from .samples import builtin_shards, make_sample_folder
 from .shards import MANIFEST_FORMAT, read_manifest, verify_shards, write_shards
 from .stream import ShardLoader, ShardSet, TooManyBadSamples, make_loader, resolve_shards
@@ -22,7 +32,9 @@ __all__ = [
     "ShardSet",
     "TooManyBadSamples",
     "builtin_shards",
+    "RawJPEG",
     "crop_params",
+    "decode_batch",
     "decode_rgb",
     "make_loader",
     "make_sample_folder",

@@ -23,6 +23,7 @@ import io
 import math
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -33,7 +34,8 @@ except ImportError:  # a torchvision without its image decoders: PIL decodes eve
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["BadImage", "MAEAugment", "crop_params", "decode_rgb", "DEFAULT_MAX_PIXELS"]
+__all__ = ["BadImage", "MAEAugment", "RawJPEG", "crop_params", "decode_rgb", "decode_batch",
+           "raw_jpeg", "DEFAULT_MAX_PIXELS"]
 
 # Pillow's own warning threshold (Image.MAX_IMAGE_PIXELS): ~ a 9459x9459 image, ~268 MB as RGB.
 DEFAULT_MAX_PIXELS = 89_478_485
@@ -54,6 +56,12 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     """(height, width) from the JPEG frame header without decoding; None if it can't be found."""
+    info = _jpeg_info(data)
+    return None if info is None else info[:2]
+
+
+def _jpeg_info(data: bytes) -> tuple[int, int, int] | None:
+    """(height, width, components) from the JPEG frame header; None if it can't be found."""
     n = len(data)
     pos = 2
     while pos + 4 <= n:
@@ -72,7 +80,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
                 return None
             h = (data[pos + 5] << 8) | data[pos + 6]
             w = (data[pos + 7] << 8) | data[pos + 8]
-            return h, w
+            return h, w, (data[pos + 9] if pos + 9 < n else 0)
         if marker == 0xDA:  # start of scan before any frame header: malformed
             return None
         pos += 2 + length
@@ -227,3 +235,85 @@ class MAEAugment:
         hwc = decode_rgb(data, self.max_pixels)
         i, j, h, w, flip = self.params(hwc.shape[0], hwc.shape[1], generator)
         return self.apply(hwc, i, j, h, w, flip)
+
+
+# -- batched decode (``make_loader(decode_device=...)``) ---------------------------------------
+
+
+class RawJPEG(NamedTuple):
+    """An undecoded JPEG plus the augmentation drawn for it: what a worker hands over when the
+    decode runs batched in the main process (``decode_batch``)."""
+
+    data: torch.Tensor  # uint8 [nbytes], the file's bytes
+    params: tuple[int, int, int, int, bool]  # (top, left, h, w, flip), as MAEAugment.params
+    size: tuple[int, int]  # (height, width) from the frame header
+
+
+def raw_jpeg(data: bytes, aug: MAEAugment, generator: torch.Generator) -> RawJPEG | None:
+    """``data`` with crop/flip drawn from ``generator`` exactly as ``aug(data, generator)``
+    would draw them, without decoding (the size comes from the JPEG header); None for what the
+    batched decoder should not get: non-JPEG, no readable header, not 1 or 3 components (CMYK,
+    YCCK): the caller decodes those with ``aug`` instead. Raises BadImage (too_large)."""
+    if decode_jpeg is None or data[:3] != b"\xff\xd8\xff":
+        return None
+    info = _jpeg_info(data)
+    if info is None or info[2] not in (1, 3):
+        return None
+    h, w, _ = info
+    _check_pixels(h, w, aug.max_pixels)
+    params = aug.params(h, w, generator)
+    return RawJPEG(torch.frombuffer(bytearray(data), dtype=torch.uint8), params, (h, w))
+
+
+def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """decode_jpeg on a list (one nvJPEG batch on CUDA); on an error, one by one, None where
+    even that fails."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # see decode_rgb
+        try:
+            return list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            pass
+        out: list[torch.Tensor | None] = []
+        for d in datas:
+            try:
+                out.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+
+def decode_batch(
+    items: Sequence[torch.Tensor | RawJPEG], aug: MAEAugment, device: str | torch.device
+) -> list[torch.Tensor | None]:
+    """Images [3, S, S] uint8 on ``device`` for a batch of worker outputs: ``RawJPEG`` items are
+    decoded together with ``torchvision.io.decode_jpeg(list, device=...)`` (batched nvJPEG on
+    CUDA), then cropped, resized (bicubic, antialias) and flipped there with their own
+    parameters (``aug.apply``); tensors (already augmented by a worker) are moved there.
+
+    A JPEG the device decoder rejects (or decodes to another size than its header says) is
+    decoded on the CPU (``decode_rgb``: libjpeg-turbo, then PIL) with the same parameters; one
+    that fails there too gives None in its slot.
+    """
+    device = torch.device(device)
+    dec_dev = device if device.type == "cuda" else torch.device("cpu")
+    out: list[torch.Tensor | None] = [None] * len(items)
+    raws = [k for k, it in enumerate(items) if isinstance(it, RawJPEG)]
+    for k, it in enumerate(items):
+        if not isinstance(it, RawJPEG):
+            out[k] = it.to(device, non_blocking=True)
+    if not raws:
+        return out
+    decoded = _decode_jpegs([items[k].data for k in raws], dec_dev)
+    for k, chw in zip(raws, decoded):
+        it = items[k]
+        if chw is not None and tuple(chw.shape) == (3, *it.size):
+            out[k] = aug.apply(chw.permute(1, 2, 0), *it.params).to(device, non_blocking=True)
+            continue
+        try:
+            hwc = decode_rgb(it.data.numpy().tobytes(), aug.max_pixels)
+        except BadImage:
+            continue
+        if tuple(hwc.shape[:2]) == it.size:
+            out[k] = aug.apply(hwc, *it.params).to(device, non_blocking=True)
+    return out

@@ -35,6 +35,37 @@ later in the worker's order). Refilling within the batch rather than pulling the
 keeps every batch a function of its own positions only, so resume stays exact without decoding
 the skipped part, and every rank keeps the same length. A worker whose bad share exceeds
 ``max_bad_fraction`` raises :class:`TooManyBadSamples`.
+
+Resampled mode (``resampled=True``): an infinite-style stream cut into epochs of
+``epoch_samples`` samples over all ranks (default: the data set's size), drawn *with
+replacement*, as webdataset's ``ResampledShards`` does, but still a pure function of the
+arguments:
+
+- Each rank/worker gets its own stream: shards drawn at random (probability proportional to
+  their sample count, so every sample is equally likely), each read whole and in order, from a
+  generator seeded by (seed, epoch, rank, worker), until ``per`` samples are covered (the last
+  draw is cut short). Sequential shard reads keep I/O as cheap as in the default mode. Samples
+  (and whole shards) repeat within and across workers/ranks; ranks draw different streams.
+- ``per = (epoch_samples // (world_size * W)) // batch_size * batch_size`` positions per
+  worker, shuffled by the same bounded buffer as above, so ``len(loader) = W * (per //
+  batch_size)``, i.e. ``epoch_samples // (world_size * batch_size)`` rounded down to a multiple
+  of W, the same on every rank.
+- Augmentation seeds are (seed, epoch, position, rank, worker): a sample drawn twice gets two
+  crops. Crops therefore depend on the split in this mode (nothing else can: which samples a
+  rank sees depends on it).
+- Batches, round robin, ``skip_samples`` and bad-sample refill work exactly as above.
+
+Batched decode (``decode_device`` other than ``"cpu"``): workers draw each JPEG's crop/flip
+from its header size with the very generator and draws of the CPU path (so the same crops) but
+do not decode; they pass ``RawJPEG`` (bytes + parameters) on, and this process decodes the
+batch with ``torchvision.io.decode_jpeg(list, device=decode_device)`` (batched nvJPEG on CUDA),
+crops, resizes (bicubic, antialias) and flips there (``augment.decode_batch``); the batch's
+``image`` is on ``decode_device``. Non-JPEG, CMYK/YCCK and header-less JPEGs are decoded by the
+workers as usual; a JPEG the device decoder rejects is decoded on the CPU with the same
+parameters. One that no decoder reads is only found in this process: it counts as
+``undecodable`` and its slot gets a flipped copy of another image of the batch (key and label
+too) instead of a fresh crop. ``decode_device="cpu-batched"`` runs this path on the CPU; it
+matches the CPU path's output up to resize rounding (the CI check of the CUDA path's logic).
 """
 
 from __future__ import annotations
@@ -52,7 +83,9 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
 
-from .augment import BadImage, MAEAugment
+from . import augment as _augment
+from .augment import BadImage, MAEAugment, decode_batch
+from .augment import raw_jpeg as _raw_jpeg
 from .shards import MANIFEST_NAME, read_manifest
 from .tario import IMAGE_EXTS, count_tar_samples, iter_tar_samples
 
@@ -384,7 +417,8 @@ class ShardStream(IterableDataset):
 
 
 class ShardLoader:
-    """Iterable of batches ``{"image": uint8 [B,3,S,S], "key": list[str], "label": int64 [B]}``.
+    """Iterable of batches ``{"image": uint8 [B,3,S,S], "key": list[str], "label": int64 [B]}``
+(``image`` on the decode device when ``decode_device`` is not ``"cpu"``).
 
     ``len()`` is the full epoch's batch count for this rank (identical on all ranks, unaffected
     by ``skip_samples``); ``remaining`` is what one iteration yields. ``bad_counts`` holds the
@@ -392,12 +426,14 @@ class ShardLoader:
     """
 
     def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool,
-                 prefetch_factor: int | None) -> None:
+                 prefetch_factor: int | None, decode_device: torch.device | None = None) -> None:
         self.stream = stream
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.decode_device = decode_device  # None: workers decode (the CPU path)
         self.bad_counts: Counter[str] = Counter()
+        self._seen = self._failed = 0
 
     def __len__(self) -> int:
         return self.stream.W * self.stream.batches_per_worker
@@ -421,9 +457,43 @@ class ShardLoader:
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
                 persistent_workers=False,
             ))
+        self._seen = self._failed = 0
         for batch in batches:
             self.bad_counts.update(batch.pop("bad"))
+            if self.decode_device is not None:
+                self._decode(batch)
             yield batch
+
+    def _decode(self, batch: dict) -> None:
+        """Batched decode in this process (see ``make_loader(decode_device=...)``). A JPEG that
+        no decoder reads (caught here, not in the worker) is bad: its slot gets a flipped copy
+        of the next good image of the batch (and its key/label)."""
+        imgs = decode_batch(batch["image"], self.stream.augment, self.decode_device)
+        good = [k for k, im in enumerate(imgs) if im is not None]
+        failed = len(imgs) - len(good)
+        self._seen += len(imgs)
+        self._failed += failed
+        # judged like a worker's share (see _worker), over what this iteration decoded
+        if not good or (self._seen >= min(_MIN_JUDGED, self.remaining * len(imgs))
+                        and self._failed > self.stream.max_bad_fraction * self._seen):
+            raise TooManyBadSamples(
+                f"{self._failed} of {self._seen} samples failed the batched decode in the main "
+                f"process, above max_bad_fraction={self.stream.max_bad_fraction}; check the "
+                "shards with data_pipeline.verify_shards"
+            )
+        if failed:
+            self.bad_counts["undecodable"] += failed
+            log.warning("%d sample(s) of batch %s failed to decode in the main process",
+                        failed, batch["key"])
+            labels = batch["label"].clone()
+            for k in range(len(imgs)):
+                if imgs[k] is None:
+                    d = next((g for g in good if g > k), good[0])
+                    imgs[k] = imgs[d].flip(-1)
+                    batch["key"][k] = batch["key"][d]
+                    labels[k] = labels[d]
+            batch["label"] = labels
+        batch["image"] = torch.stack(imgs)
 
 
 def make_loader(
@@ -442,6 +512,9 @@ def make_loader(
     shuffle_buffer: int = 1000,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    resampled: bool = False,
+    epoch_samples: int | None = None,
+    decode_device: str = "cpu",
 ) -> ShardLoader:
     """The batches of one rank for one epoch; see the module docstring for the exact semantics.
 
@@ -449,6 +522,16 @@ def make_loader(
     epoch; the loader yields exactly the batches an unskipped loader yields after that many,
     without decoding the skipped ones. ``augment``: ``"mae"`` or a callable
     ``(bytes, torch.Generator) -> uint8 [3, S, S]``.
+
+    ``resampled``: draw samples with replacement (random shards, see the module docstring) for
+    an epoch of ``epoch_samples`` samples over all ranks (default: the data set's size).
+
+    ``decode_device``: ``"cpu"`` (default): workers decode and augment. Any other torch device
+    string (``"cuda"``, ``"cuda:1"``): workers only draw the crop/flip (from the JPEG header's
+    size, the same draws as the CPU path) and pass the JPEG bytes on; this process decodes each
+    batch with ``torchvision.io.decode_jpeg(list, device=...)`` (batched nvJPEG), crops, resizes
+    and flips there, and ``batch["image"]`` lives on that device. Non-JPEG and CMYK images are
+    still done by the workers. ``"cpu-batched"`` runs that same path on the CPU (for tests).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -459,24 +542,50 @@ def make_loader(
     if skip_samples < 0 or skip_samples % batch_size:
         raise ValueError(f"skip_samples={skip_samples} must be a non-negative multiple of "
                          f"batch_size={batch_size} (it counts whole consumed batches)")
+    if epoch_samples is not None and not resampled:
+        raise ValueError("epoch_samples only applies with resampled=True")
+    if epoch_samples is not None and epoch_samples < 1:
+        raise ValueError(f"epoch_samples must be >= 1, got {epoch_samples}")
     ss = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
     aug = MAEAugment(input_size) if augment == "mae" else augment
     if not callable(aug):
         raise ValueError(f"augment must be 'mae' or a callable, got {augment!r}")
+    dev = _decode_device(decode_device, aug)
     stream = ShardStream(
         ss, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
         epoch=epoch, seed=seed, skip_batches=skip_samples // batch_size, augment=aug,
-        max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer,
+        max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer, resampled=resampled,
+        epoch_samples=epoch_samples, raw_jpeg=dev is not None,
     )
     W = stream.W
     if stream.per == 0:
+        n = f"epoch_samples={stream.epoch_samples}" if resampled else f"{ss.total} samples"
         raise ValueError(
-            f"{ss.total} samples cannot give each of {world_size} ranks x {W} workers one batch "
+            f"{n} cannot give each of {world_size} ranks x {W} workers one batch "
             f"of {batch_size}; lower batch_size or num_workers, or add data"
         )
     loader = ShardLoader(stream, num_workers, pin_memory,
-                         prefetch_factor if num_workers > 0 else None)
+                         prefetch_factor if num_workers > 0 else None, decode_device=dev)
     if stream.skip_batches > len(loader):
         raise ValueError(f"skip_samples={skip_samples} is more than this rank's epoch of "
                          f"{len(loader) * batch_size} samples")
     return loader
+
+
+def _decode_device(decode_device: str, aug: Augment) -> torch.device | None:
+    """None for the CPU (worker) path, else the device of the batched decode."""
+    if decode_device == "cpu":
+        return None
+    dev = torch.device("cpu") if decode_device == "cpu-batched" else torch.device(decode_device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"decode_device={decode_device!r} needs a CUDA GPU, but torch.cuda.is_available() "
+            "is False; use decode_device='cpu' (workers decode) instead"
+        )
+    if not isinstance(aug, MAEAugment):
+        raise ValueError(f"decode_device={decode_device!r} needs augment='mae' or a MAEAugment "
+                         f"(it draws crops before decoding), got {aug!r}")
+    if _augment.decode_jpeg is None:
+        raise RuntimeError("decode_device other than 'cpu' needs torchvision.io.decode_jpeg, "
+                           "which this torchvision lacks")
+    return dev

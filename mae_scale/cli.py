@@ -53,7 +53,7 @@ def _make_shards(args: argparse.Namespace) -> int:
     if not src.exists():
         raise UserError(f"source {src} does not exist; pass an image folder, an ImageNet-style train folder or a file list")
     manifest = write_shards(src, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
-                            seed=args.seed, num_workers=args.workers)
+                            max_bytes_per_shard=args.max_bytes_per_shard, seed=args.seed, num_workers=args.workers)
     print(f"wrote {len(manifest['shards'])} shards, {manifest['total']} samples, "
           f"{manifest.get('num_classes') or 0} classes to {args.out}")
     return 0
@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--prefix", default="train")
     p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--max-bytes-per-shard", type=int, default=None, help="also close a shard before it passes this size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     p.set_defaults(run=_make_shards)

@@ -50,6 +50,11 @@ class DataConfig:
     num_workers: int = doc(8, "Decode/augment worker processes per rank (0 = in the main process).")
     max_bad_fraction: float = doc(0.01, "Stop with an error when more than this share of samples is unreadable.")
     cache_dir: str = doc("", "Where `builtin` data is made (default: ~/.cache/mae-scale).")
+    resampled: bool = doc(False, "Draw samples with replacement (random shards); epochs of `epoch_samples` samples.")
+    epoch_samples: Optional[int] = doc(None, "Samples per epoch over all ranks in resampled mode (None: the data set's size).")
+    decode_device: str = doc(
+        "cpu", "Where JPEGs are decoded: `cpu` (in the workers), `cuda` (batched nvJPEG on the GPU, for when "
+        "the CPU cores cannot keep up), or `cpu-batched` (the same batched path on the CPU).")
 
 
 @dataclass
@@ -280,6 +285,10 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
     if not 0.0 < d.crop_scale_min <= 1.0:
         raise ConfigError(f"data.crop_scale_min={d.crop_scale_min} must be in (0, 1]")
+    if d.decode_device not in ("cpu", "cpu-batched") and not d.decode_device.startswith("cuda"):
+        raise ConfigError(f"data.decode_device={d.decode_device!r} is not allowed; use cpu, cpu-batched or cuda")
+    if d.epoch_samples is not None and (not d.resampled or d.epoch_samples <= 0):
+        raise ConfigError(f"data.epoch_samples={d.epoch_samples} needs data.resampled=true and a positive count")
     if not 0.0 <= d.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
     if not 0 <= t.warmup_epochs <= t.epochs:

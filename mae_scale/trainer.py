@@ -121,7 +121,9 @@ class Pretrainer:
                            num_workers=d.num_workers, epoch=epoch, seed=t.seed,
                            skip_samples=skip_batches * t.micro_batch_size, input_size=d.input_size,
                            augment=MAEAugment(d.input_size, scale=(d.crop_scale_min, 1.0)),
-                           max_bad_fraction=d.max_bad_fraction)
+                           max_bad_fraction=d.max_bad_fraction, resampled=d.resampled, epoch_samples=d.epoch_samples,
+                           decode_device=(f"cuda:{torch.cuda.current_device()}" if d.decode_device == "cuda"
+                                          else d.decode_device))
 
     def _resume(self) -> Optional[str]:
         """Load the newest complete checkpoint, if any; returns the MLflow run id it recorded."""

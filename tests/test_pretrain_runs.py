@@ -71,3 +71,13 @@ def test_deepspeed_launcher_world_2(small_shards, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=run_env(), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_marker(latest_checkpoint(out))["world_size"] == 2
+
+
+def test_resampled_epochs_with_batched_decode(small_shards, tmp_path):
+    """Resampled mode fixes the epoch length; the batched decode path feeds the same trainer."""
+    out = tmp_path / "run"
+    run_pretrain(base_overrides(small_shards, out, **{
+        "data.resampled": "true", "data.epoch_samples": 64, "data.decode_device": "cpu-batched",
+        "train.epochs": 2, "checkpoint.every_steps": 100}))
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == 8  # 64 samples / 16 per step x 2 epochs

@@ -114,7 +114,6 @@ def test_max_bytes_per_shard(sample_dir: Path, tmp_path: Path):
     assert m["total"] == N_IMAGES and len(m["shards"]) > 1
     for s in m["shards"]:
         assert s["bytes"] <= limit
-    # maximal: the next shard's first sample would not have fitted (closing was necessary)
     assert verify_shards(tmp_path / "a") == []
     # both limits: whichever comes first closes the shard
     m2 = write_shards(sample_dir, tmp_path / "b", samples_per_shard=3,
