@@ -165,10 +165,13 @@ class CheckpointManager:
         marker = read_marker(ckpt_dir)
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if marker["world_size"] != world and marker.get("zero_stage", 0) > 0:
-            raise RuntimeError(
-                f"checkpoint {ckpt_dir} was written at world size {marker['world_size']} but this run has "
-                f"{world}; resume at world size {marker['world_size']} (changing world size needs a universal "
-                f"checkpoint conversion)")
+            # ZeRO partitions are per rank: go through DeepSpeed's world-size-free universal format.
+            from mae_scale.reshard import load_universal, universal_checkpoint
+
+            if self.is_main:
+                print(f"resharding {ckpt_dir.name}: world size {marker['world_size']} -> {world} "
+                      "(DeepSpeed universal checkpoint)", flush=True)
+            return load_universal(engine, universal_checkpoint(ckpt_dir))
         load_path, client_state = engine.load_checkpoint(
             str(ckpt_dir.parent), tag=ckpt_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:

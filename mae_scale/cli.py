@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("config", help="print the config reference (every key, type, default, meaning)")
     p.set_defaults(run=_config_reference)
+
+    from launchers.slurm import add_status_parser, add_submit_parser
+
+    add_submit_parser(verbs)
+    add_status_parser(verbs)
     return parser
 
 

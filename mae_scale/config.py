@@ -138,6 +138,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in typing.get_args(tp) and not isinstance(value, bool):
             return value
         raise ConfigError(f"{key}={value!r} is not allowed; use {_type_name(tp)}")
+    if tp is float and isinstance(value, str):
+        try:  # PyYAML (YAML 1.1) reads 1e-4 as text; people mean the number
+            return float(value)
+        except ValueError:
+            pass
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

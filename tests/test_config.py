@@ -36,6 +36,7 @@ def test_overrides_apply_with_types():
     cfg = load_config(SMOKE, ["train.max_steps=7", "optim.lr=0.001", "tracking.run_name=123", "optim.clip_grad=null"])
     assert cfg.train.max_steps == 7 and cfg.optim.lr == 0.001 and cfg.tracking.run_name == "123"
     assert cfg.optim.clip_grad is None and peak_lr(cfg) == 0.001
+    assert load_config(SMOKE, ["optim.blr=1e-4"]).optim.blr == 1e-4  # YAML 1.1 reads 1e-4 as text
 
 
 @pytest.mark.parametrize("override, words", [
