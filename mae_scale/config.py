@@ -179,11 +179,12 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, recursing into mappings present in both."""
     out = dict(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -203,7 +204,7 @@ def read_preset(path: str | os.PathLike) -> dict:
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     base = data.pop("base", None)
     if base:
-        data = _deep_merge(read_preset(path.parent / base), data)
+        data = deep_merge(read_preset(path.parent / base), data)
     return data
 
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from mae_scale.config import PretrainConfig, peak_lr
+from mae_scale.config import PretrainConfig, deep_merge, peak_lr
 
 # Parameters that are tokens or position embeddings: never weight-decayed, whatever their shape.
 NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "dist_token", "reg_token")
@@ -58,13 +58,6 @@ def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
     fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), fused=fused or None)
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def deepspeed_config(cfg: PretrainConfig, accum_steps: int) -> dict:

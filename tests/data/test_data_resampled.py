@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from data_pipeline import make_loader
+from batch_asserts import assert_same_batches, keys_of
 
 SIZE = 32
 B = 4
@@ -17,18 +18,6 @@ B = 4
 def _run(shards, **kw) -> list[dict]:
     kw.setdefault("input_size", SIZE)
     return list(make_loader(shards, B, resampled=True, **kw))
-
-
-def _keys(batches: list[dict]) -> list[str]:
-    return [k for b in batches for k in b["key"]]
-
-
-def _assert_same(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x["key"] == y["key"]
-        assert torch.equal(x["label"], y["label"])
-        assert torch.equal(x["image"], y["image"])
 
 
 def test_length(shard_dir: Path, sizes: dict):
@@ -44,12 +33,12 @@ def test_length(shard_dir: Path, sizes: dict):
 
 def test_deterministic_and_with_replacement(shard_dir: Path, sizes: dict):
     a = _run(shard_dir, num_workers=2, seed=5, epoch_samples=120)
-    _assert_same(a, _run(shard_dir, num_workers=2, seed=5, epoch_samples=120))
-    keys = _keys(a)
+    assert_same_batches(a, _run(shard_dir, num_workers=2, seed=5, epoch_samples=120))
+    keys = keys_of(a)
     assert len(keys) == 120 and len(set(keys)) < len(keys)  # repeats: drawn with replacement
     assert len(set(keys)) > sizes["n_images"] // 2
-    assert _keys(_run(shard_dir, num_workers=2, seed=5, epoch=1, epoch_samples=120)) != keys
-    assert _keys(_run(shard_dir, num_workers=2, seed=6, epoch_samples=120)) != keys
+    assert keys_of(_run(shard_dir, num_workers=2, seed=5, epoch=1, epoch_samples=120)) != keys
+    assert keys_of(_run(shard_dir, num_workers=2, seed=6, epoch_samples=120)) != keys
     # a sample drawn twice gets two different crops
     first: dict[str, torch.Tensor] = {}
     differ = 0
@@ -68,11 +57,11 @@ def test_skip_equals_tail_of_full_run(shard_dir: Path, num_workers: int):
     for k in (1, 3, len(full) - 1):
         ld = make_loader(shard_dir, B, resampled=True, skip_samples=k * B, input_size=SIZE, **kw)
         assert len(ld) == len(full) and ld.remaining == len(full) - k
-        _assert_same(list(ld), full[k:])
+        assert_same_batches(list(ld), full[k:])
 
 
 def test_ranks_get_different_samples(shard_dir: Path):
-    per_rank = [_keys(_run(shard_dir, rank=r, world_size=2, num_workers=2, epoch_samples=96))
+    per_rank = [keys_of(_run(shard_dir, rank=r, world_size=2, num_workers=2, epoch_samples=96))
                 for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 48
     assert per_rank[0] != per_rank[1]

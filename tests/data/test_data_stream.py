@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from data_pipeline import TooManyBadSamples, make_loader, read_manifest, write_shards
+from batch_asserts import assert_same_batches, keys_of
 
 SIZE = 64
 B = 4
@@ -18,18 +19,6 @@ B = 4
 def _run(shards, **kw) -> list[dict]:
     kw.setdefault("input_size", SIZE)
     return list(make_loader(shards, B, **kw))
-
-
-def _keys(batches: list[dict]) -> list[str]:
-    return [k for b in batches for k in b["key"]]
-
-
-def _assert_same(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x["key"] == y["key"]
-        assert torch.equal(x["label"], y["label"])
-        assert torch.equal(x["image"], y["image"])  # bitwise
 
 
 def test_batch_format(shard_dir: Path):
@@ -48,7 +37,7 @@ def test_exactly_once_over_2_ranks_x_2_workers(shard_dir: Path, sizes: dict):
     for ld in loaders:
         batches = list(ld)
         assert len(batches) == len(ld)
-        keys += _keys(batches)
+        keys += keys_of(batches)
     manifest_keys = set()
     for s in read_manifest(shard_dir)["shards"]:
         with tarfile.open(shard_dir / s["name"]) as tf:
@@ -67,14 +56,14 @@ def test_remainder_dropped_and_lengths_equal(shard_dir: Path):
 
 
 def test_same_arguments_same_batches(shard_dir: Path):
-    _assert_same(_run(shard_dir, num_workers=2, seed=3), _run(shard_dir, num_workers=2, seed=3))
-    _assert_same(_run(shard_dir, seed=3), _run(shard_dir, seed=3))
+    assert_same_batches(_run(shard_dir, num_workers=2, seed=3), _run(shard_dir, num_workers=2, seed=3))
+    assert_same_batches(_run(shard_dir, seed=3), _run(shard_dir, seed=3))
 
 
 def test_other_epoch_other_order(shard_dir: Path):
-    e0, e1 = _keys(_run(shard_dir, epoch=0)), _keys(_run(shard_dir, epoch=1))
+    e0, e1 = keys_of(_run(shard_dir, epoch=0)), keys_of(_run(shard_dir, epoch=1))
     assert sorted(e0) == sorted(e1) and e0 != e1
-    assert _keys(_run(shard_dir, seed=1)) != e0
+    assert keys_of(_run(shard_dir, seed=1)) != e0
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -84,7 +73,7 @@ def test_skip_equals_tail_of_full_run(shard_dir: Path, num_workers: int):
         ld = make_loader(shard_dir, B, num_workers=num_workers, world_size=2, rank=1,
                          skip_samples=k * B, input_size=SIZE)
         assert len(ld) == len(full) and ld.remaining == len(full) - k
-        _assert_same(list(ld), full[k:])
+        assert_same_batches(list(ld), full[k:])
 
 
 def test_skip_must_be_whole_batches(shard_dir: Path):
@@ -105,10 +94,10 @@ def test_crops_do_not_depend_on_split(shard_dir: Path):
 
 def test_shard_spellings_agree(shard_dir: Path):
     names = [s["name"] for s in read_manifest(shard_dir)["shards"]]
-    ref = _keys(_run(shard_dir))
-    assert _keys(_run(shard_dir / "manifest.json")) == ref
-    assert _keys(_run(f"{shard_dir}/train-{{000000..{len(names) - 1:06d}}}.tar")) == ref
-    assert _keys(_run([f"pipe:cat {shard_dir / n}" for n in names])) == ref  # counted by reading
+    ref = keys_of(_run(shard_dir))
+    assert keys_of(_run(shard_dir / "manifest.json")) == ref
+    assert keys_of(_run(f"{shard_dir}/train-{{000000..{len(names) - 1:06d}}}.tar")) == ref
+    assert keys_of(_run([f"pipe:cat {shard_dir / n}" for n in names])) == ref  # counted by reading
 
 
 def _bad_shards(sample_dir: Path, tmp: Path) -> Path:
@@ -131,14 +120,14 @@ def test_bad_samples_skipped_and_counted(sample_dir: Path, tmp_path: Path):
         assert len(batches) == len(ld) == 24 // B  # epoch length unchanged, batches full
         assert all(b["image"].shape[0] == B for b in batches)
         assert dict(ld.bad_counts) == {"undecodable": 1, "empty": 1}
-        keys = set(_keys(batches))
+        keys = set(keys_of(batches))
         assert not any("not_an_image" in k or "empty" in k for k in keys)
         assert len(keys) == 22  # every good sample is still there
         # refilled batches are still a function of their own positions: resume stays exact
         for k in (1, 3):
             tail = list(make_loader(sh, B, num_workers=nw, input_size=SIZE, max_bad_fraction=0.2,
                                     skip_samples=k * B))
-            _assert_same(tail, batches[k:])
+            assert_same_batches(tail, batches[k:])
     with pytest.raises(TooManyBadSamples, match="max_bad_fraction"):
         list(make_loader(sh, B, input_size=SIZE))  # default limit 1 %
 
@@ -161,10 +150,10 @@ def test_malformed_members(sample_dir: Path, tmp_path: Path):
     ld = make_loader([str(path)], 2, input_size=SIZE, max_bad_fraction=0.5, shuffle_buffer=1)
     batches = list(ld)
     assert len(batches) == 4  # the last batch (s6, s7) is all bad: topped up from s0
-    _assert_same(list(make_loader([str(path)], 2, input_size=SIZE, max_bad_fraction=0.5,
+    assert_same_batches(list(make_loader([str(path)], 2, input_size=SIZE, max_bad_fraction=0.5,
                                   shuffle_buffer=1, skip_samples=6)), batches[3:])
     assert dict(ld.bad_counts) == {"bad_label": 1, "no_image": 2}
-    assert set(_keys(batches)) == {"s0", "s1", "s3", "s4", "s5"}
+    assert set(keys_of(batches)) == {"s0", "s1", "s3", "s4", "s5"}
     for b in batches:
         for k, lab in zip(b["key"], b["label"].tolist()):
             assert lab == int(k[1:])
