@@ -90,10 +90,6 @@ def _safe_globals() -> list:
         allowed.append(fragment_address)
     except ImportError:
         pass
-    try:
-        from deepspeed.checkpoint.constants import PARAM_SHAPES  # noqa: F401  (import check only)
-    except ImportError:
-        pass
     import collections
     allowed += [collections.OrderedDict, set, torch.Size]
     return allowed

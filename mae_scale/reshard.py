@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from mae_scale.distributed import barrier
+from mae_scale.distributed import barrier, broadcast_object
 
 UNIVERSAL_SUFFIX = "_universal"
 DONE = "UNIVERSAL_DONE"  # written last into the staging folder, before the rename
@@ -102,10 +102,7 @@ def universal_checkpoint(ckpt_dir: Path) -> Path:
             convert(ckpt_dir)
         except Exception as exc:  # the other ranks must not hang in the barrier
             error = f"{type(exc).__name__}: {exc}"
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        holder = [error]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        error = holder[0]
+    error = broadcast_object(error)
     barrier()
     if error:
         raise RuntimeError(error)

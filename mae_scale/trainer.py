@@ -50,7 +50,7 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def resolve_shards(cfg: PretrainConfig, env: DistEnv) -> str:
+def train_shards_spec(cfg: PretrainConfig, env: DistEnv) -> str:
     """The shard spec to stream; `builtin` is made once (rank 0 first, then the others find it)."""
     if cfg.data.train_shards != "builtin":
         return cfg.data.train_shards
@@ -76,7 +76,7 @@ class Pretrainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         barrier()
-        self.shards = resolve_shards(cfg, env)
+        self.shards = train_shards_spec(cfg, env)
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = build_mae(cfg.model.name, img_size=cfg.data.input_size, norm_pix_loss=cfg.model.norm_pix_loss,
@@ -92,8 +92,8 @@ class Pretrainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"the data gives less than one global batch of {cfg.train.global_batch_size} per epoch "
                              f"at world size {env.world_size}; use more data or a smaller train.global_batch_size")
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        self.end_step = min(self.total_steps, cfg.train.max_steps or self.total_steps)
+        total_steps = self.steps_per_epoch * cfg.train.epochs
+        self.end_step = min(total_steps, cfg.train.max_steps or total_steps)
 
         self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.is_main)
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
@@ -274,7 +274,6 @@ class Pretrainer:
 
     def _save(self) -> Path:
         path = self.ckpt.save(self.engine, self.global_step, self._client_state(), self.env.world_size)
-        self.last_checkpoint = path
         if self.env.is_main:
             self.tracker.set_tags({"last_checkpoint": path.resolve(), "last_checkpoint_step": self.global_step})
         return path

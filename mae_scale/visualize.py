@@ -8,6 +8,7 @@ patch is mapped back with its original patch's mean and std (the usual way to vi
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -19,10 +20,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize_on_device(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [N,3,H,W] -> float32 normalized on `device` (normalization belongs on the device)."""
+@functools.lru_cache(maxsize=None)
+def _mean_std_255(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean/std in uint8 units, made once per device (not a host copy every step)."""
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1) * 255.0
+    return mean, std
+
+
+def normalize_on_device(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [N,3,H,W] -> float32 normalized on `device` (normalization belongs on the device)."""
+    mean, std = _mean_std_255(torch.device(device))
     return (images_uint8.to(device, non_blocking=True).float() - mean) / std
 
 
