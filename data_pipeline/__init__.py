@@ -43,3 +43,17 @@ __all__ = [
     "verify_shards",
     "write_shards",
 ]
+
+# fine-tuning / evaluation data: timm's train augmentation, the eval stream, Fashion-MNIST shards
+from .eval_stream import EvalLoader, make_eval_loader  # noqa: E402
+from .fashion_mnist import read_idx, write_fashion_mnist_shards  # noqa: E402
+from .finetune_augment import EvalTransform, FinetuneAugment  # noqa: E402
+
+__all__ += [
+    "EvalLoader",
+    "EvalTransform",
+    "FinetuneAugment",
+    "make_eval_loader",
+    "read_idx",
+    "write_fashion_mnist_shards",
+]

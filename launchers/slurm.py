@@ -56,16 +56,17 @@ def export_rendezvous(environ: Optional[dict] = None) -> dict:
 
 
 class PretrainJob(submitit.helpers.Checkpointable):
-    """The callable submitit runs in every task: rendezvous variables, then `mae-scale pretrain`.
+    """The callable submitit runs in every task: rendezvous variables, then `mae-scale VERB`
+    (pretrain, finetune or linprobe).
 
     `checkpoint()` (called by submitit on preemption / time-out) resubmits this same object: the
     state lives in the run directory, not in the pickle."""
 
-    def __init__(self, config: str, overrides: list[str], run_dir: str):
-        self.config, self.overrides, self.run_dir = config, list(overrides), run_dir
+    def __init__(self, config: str, overrides: list[str], run_dir: str, verb: str = "pretrain"):
+        self.config, self.overrides, self.run_dir, self.verb = config, list(overrides), run_dir, verb
 
     def command(self) -> list[str]:
-        return ["pretrain", "--config", self.config, *self.overrides]
+        return [getattr(self, "verb", "pretrain"), "--config", self.config, *self.overrides]
 
     def __call__(self) -> int:
         export_rendezvous()
@@ -76,7 +77,7 @@ class PretrainJob(submitit.helpers.Checkpointable):
 
         code = main(self.command())
         if code != 0:
-            raise RuntimeError(f"mae-scale pretrain exited with status {code} (see the task logs in "
+            raise RuntimeError(f"mae-scale {self.command()[0]} exited with status {code} (see the task logs in "
                                f"{Path(self.run_dir) / SUBMITIT_DIR})")
         return code
 
@@ -204,9 +205,15 @@ def plan_runs(args: argparse.Namespace, world_size: int) -> list[dict]:
     """One entry per SLURM job (one, or one per --array value): run dir, overrides, MLflow name.
     Every config is loaded and checked here, before anything is submitted."""
     from mae_scale.config import check_batch_layout, load_config
+    from mae_scale.finetune_config import load_finetune_config
+
+    def load(config: str, overrides: list[str]):
+        if args.verb == "pretrain":
+            return load_config(config, overrides)
+        return load_finetune_config(config, overrides, mode=args.verb)
 
     config = str(Path(args.config).resolve())
-    base = load_config(config, args.overrides)
+    base = load(config, args.overrides)
     run_dir = Path(base.output_dir).resolve()
     sweep = parse_array(args.array)
     runs = []
@@ -217,11 +224,11 @@ def plan_runs(args: argparse.Namespace, world_size: int) -> list[dict]:
             this_dir = run_dir / f"{sweep[0]}={value}"
             overrides.append(f"{sweep[0]}={value}")
         overrides.append(f"output_dir={this_dir}")
-        cfg = load_config(config, overrides)  # refused here, before anything is submitted
+        cfg = load(config, overrides)  # refused here, before anything is submitted
         check_batch_layout(cfg, world_size)
         if sweep and not cfg.tracking.run_name:
             overrides.append(f"tracking.run_name={run_dir.name}/{sweep[0]}={value}")
-        runs.append({"config": config, "overrides": overrides, "run_dir": this_dir})
+        runs.append({"config": config, "overrides": overrides, "run_dir": this_dir, "verb": args.verb})
     return runs
 
 
@@ -248,7 +255,7 @@ def submit(args: argparse.Namespace) -> int:
     job_name = args.job_name or f"mae-{runs[0]['run_dir'].name if len(runs) == 1 else runs[0]['run_dir'].parent.name}"
     params = executor_parameters(opts, args.nodes, job_name)
     folder = root / "%j"
-    jobs_desc = [PretrainJob(r["config"], r["overrides"], str(r["run_dir"])) for r in runs]
+    jobs_desc = [PretrainJob(r["config"], r["overrides"], str(r["run_dir"]), r["verb"]) for r in runs]
     if args.dry_run:
         print(f"# {len(runs)} job(s), world size {world} = {args.nodes} node(s) x {opts['tasks_per_node']} task(s)"
               f"{' (one per GPU)' if opts['gpus_per_node'] else ' (CPU)'}; submitit folder {root}")
@@ -337,8 +344,11 @@ def status(args: argparse.Namespace) -> int:
 # -- argparse wiring ----------------------------------------------------------------------------
 
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("submit", help="submit MAE pretraining to SLURM (submitit; requeues and resumes by itself)")
+    p = subparsers.add_parser("submit", help="submit pretraining, fine-tuning or linear probing to SLURM "
+                              "(submitit; requeues and resumes by itself)")
     p.add_argument("--config", required=True, help="YAML preset, e.g. configs/pretrain/mae_vit_huge_patch14_800ep.yaml")
+    p.add_argument("--verb", choices=["pretrain", "finetune", "linprobe"], default="pretrain",
+                   help="what each task runs (default pretrain); the config must be a preset for that verb")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=None, help="one task per GPU (default 1; 0 for CPU tasks)")
     p.add_argument("--tasks-per-node", type=int, default=None, help="CPU tasks per node where --gpus-per-node 0")

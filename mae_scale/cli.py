@@ -46,6 +46,53 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    """`finetune` and `linprobe` (the verb is the mode); `--eval-only` evaluates `model.init`."""
+    from mae_scale.finetune_config import load_finetune_config
+
+    cfg = load_finetune_config(args.config, args.overrides, mode=args.verb)  # refused before any work
+    from mae_scale.distributed import init_distributed
+    from mae_scale.finetune import Finetuner, evaluate_only
+    from mae_scale.trainer import NonFiniteLossError
+    from mae_scale.weights import WeightsError
+
+    from data_pipeline import TooManyBadSamples
+
+    try:
+        env = init_distributed()
+        if args.eval_only:
+            result = evaluate_only(cfg, env)
+            if env.is_main:
+                out = Path(cfg.output_dir)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "eval_only.json").write_text(json.dumps(result, indent=2, default=str))
+            return 0
+        trainer = Finetuner(cfg, env)
+    except WeightsError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        result = trainer.train()
+    except TooManyBadSamples as exc:
+        trainer.fail(f"{str(exc).splitlines()[0]} (raise data.max_bad_fraction to accept more); "
+                     f"the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) is untouched")
+        return 1
+    except NonFiniteLossError as exc:
+        trainer.fail(f"{exc}; the step was not applied and the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) "
+                     "is untouched: lower optim.blr or check the data, then run the same command to resume")
+        return 1
+    if env.is_main:
+        print("\ndone:")
+        print(f"  run directory    {result['run_dir']}")
+        print(f"  checkpoint       {result['checkpoint']}")
+        if "best_acc1" in result:
+            print(f"  top-1            best {result['best_acc1']:.2f}% (step {result['best_step']}), "
+                  f"last {result['last_acc1']:.2f}% (top-5 {result['last_acc5']:.2f}%)")
+        print(f"  evaluations      {result['eval_log']}")
+        if result.get("mlflow_run_id"):
+            print(f"  MLflow           {result['mlflow_uri']} (run {result['mlflow_run_id']})")
+    return 0
+
+
 def _make_shards(args: argparse.Namespace) -> int:
     from data_pipeline import write_shards
 
@@ -90,10 +137,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _config_reference(args: argparse.Namespace) -> int:
-    from mae_scale.config import reference_markdown
+    from mae_scale.config import PretrainConfig, reference_markdown
+    from mae_scale.finetune_config import FinetuneConfig
 
     print("| key | type | default | meaning |\n|---|---|---|---|")
-    print("\n".join(reference_markdown()))
+    print("\n".join(reference_markdown(FinetuneConfig if args.kind == "finetune" else PretrainConfig)))
     return 0
 
 
@@ -112,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(run=_pretrain)
+
+    for verb, what, example in (
+            ("finetune", "fine-tuning with layer-wise LR decay (resumes by itself)", "configs/finetune/vit_base_patch16_100ep.yaml"),
+            ("linprobe", "linear probing of a frozen encoder (resumes by itself)", "configs/linprobe/vit_base_patch16_90ep.yaml")):
+        p = verbs.add_parser(verb, help=what)
+        p.add_argument("--config", required=True, help=f"YAML preset, e.g. {example}")
+        p.add_argument("--eval-only", action="store_true", help="evaluate model.init on data.val_shards; train nothing")
+        p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.init=runs/mae")
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        p.set_defaults(run=_finetune)
 
     p = verbs.add_parser("make-shards", help="write an image folder or file list into WebDataset tar shards")
     p.add_argument("src")
@@ -149,11 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="re-read shards against their manifest (counts, checksums)")
     s.add_argument("shards")
     s.set_defaults(run=_verify_shards)
+    from data_pipeline.fashion_mnist import add_fashion_mnist_parser
+
+    add_fashion_mnist_parser(sub)
 
     p = verbs.add_parser("config", help="print the config reference (every key, type, default, meaning)")
+    p.add_argument("--kind", choices=["pretrain", "finetune"], default="pretrain",
+                   help="pretrain: `mae-scale pretrain`; finetune: `mae-scale finetune` / `linprobe`")
     p.set_defaults(run=_config_reference)
 
     from launchers.slurm import add_status_parser, add_submit_parser
+    from mae_scale.export import add_export_parser
+
+    add_export_parser(verbs)
 
     add_submit_parser(verbs)
     add_status_parser(verbs)

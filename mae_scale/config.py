@@ -36,6 +36,8 @@ class ModelConfig:
     mask_ratio: float = doc(0.75, "Share of patches hidden from the encoder, in (0, 1).")
     norm_pix_loss: bool = doc(True, "Regress per-patch normalized pixels (the paper's default).")
     grad_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
+    init: str = doc("", "Start from these weights instead of random ones (continued pretraining): a published MAE "
+                    ".pth, an exported .safetensors, or a mae-scale run/checkpoint dir; a resumed run ignores it.")
 
 
 @dataclass
@@ -208,7 +210,7 @@ def read_preset(path: str | os.PathLike) -> dict:
     return data
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -> dict:
     """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a nested mapping."""
     data = dict(data)
     for item in overrides:
@@ -227,7 +229,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             node[part] = child
             node = child
         node[parts[-1]] = value
-    return _keep_strings(data, PretrainConfig, overrides)
+    return _keep_strings(data, cls or PretrainConfig, overrides)
 
 
 def _keep_strings(data: dict, cls: type, overrides: list[str]) -> dict:
@@ -246,16 +248,19 @@ def _keep_strings(data: dict, cls: type, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> PretrainConfig:
-    """Preset + overrides -> a validated PretrainConfig (raises ConfigError)."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] = (), cls: type | None = None,
+                check: Any = None) -> Any:
+    """Preset + overrides -> a validated config of type `cls` (default PretrainConfig) checked by
+    `check` (default `validate`); raises ConfigError."""
+    cls = cls or PretrainConfig
     data = read_preset(path) if path else {}
-    data = apply_overrides(data, list(overrides))
-    cfg = _build(PretrainConfig, data, "")
-    validate(cfg)
+    data = apply_overrides(data, list(overrides), cls)
+    cfg = _build(cls, data, "")
+    (check or validate)(cfg)
     return cfg
 
 
-def _shards_exist(spec: str) -> bool:
+def shards_exist(spec: str) -> bool:
     if spec == "builtin" or "://" in spec or spec.startswith("pipe:"):
         return True
     if "{" in spec:  # brace pattern: check the folder it lives in
@@ -272,7 +277,9 @@ def validate(cfg: PretrainConfig) -> None:
         raise ConfigError(f"model.name={m.name!r} is unknown; use one of {', '.join(MODEL_NAMES)}")
     if not 0.0 < m.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio={m.mask_ratio} must be strictly between 0 and 1 (the paper: 0.75)")
-    if not _shards_exist(d.train_shards):
+    if m.init and not Path(m.init).exists():
+        raise ConfigError(f"model.init={m.init!r} does not exist; point it at a .pth/.safetensors file or a run directory")
+    if not shards_exist(d.train_shards):
         raise ConfigError(f"data.train_shards={d.train_shards!r} does not exist; point it at shards written by "
                           "`mae-scale make-shards`, or use `builtin`")
     positive = {

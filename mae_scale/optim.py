@@ -95,3 +95,39 @@ def schedule_summary(cfg: PretrainConfig, steps_per_epoch: int) -> dict:
         "total_steps": steps_per_epoch * cfg.train.epochs,
         "warmup_steps": int(round(steps_per_epoch * cfg.train.warmup_epochs)),
     }
+
+
+# -- fine-tuning: layer-wise learning-rate decay (BEiT, https://arxiv.org/abs/2106.08254; MAE A.2) -----
+
+def layer_id_for_vit(name: str, num_layers: int) -> int:
+    """The layer a ViT parameter belongs to, for `num_layers` = depth + 1 as BEiT/MAE count it:
+    cls token, position embedding and patch embedding are layer 0, block i is layer i + 1, and
+    everything after the blocks (final norm, fc_norm, head) is layer depth + 1."""
+    if name in ("cls_token", "pos_embed", "mask_token", "dist_token", "reg_token") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_layers
+
+
+def param_groups_lrd(model: torch.nn.Module, weight_decay: float = 0.05, layer_decay: float = 0.75,
+                     no_weight_decay: tuple[str, ...] = NO_DECAY_NAMES) -> list[dict]:
+    """Parameter groups of a ViT with layer-wise LR decay: one group per (layer, decayed or not),
+    each with `lr_scale` = layer_decay ** (depth + 1 - layer) and its `weight_decay` (0 for biases,
+    norm weights, other 1-d parameters and the tokens / position embeddings). `set_lr` then applies
+    lr x lr_scale per group at every iteration. Frozen parameters are left out."""
+    depth = len(model.blocks)
+    num_layers = depth + 1
+    scales = [layer_decay ** (num_layers - i) for i in range(num_layers + 1)]
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in no_weight_decay
+        layer = layer_id_for_vit(name, num_layers)
+        key = f"layer_{layer}_{'no_decay' if no_decay else 'decay'}"
+        group = groups.setdefault(key, {"params": [], "param_names": [], "lr_scale": scales[layer],
+                                        "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return list(groups.values())

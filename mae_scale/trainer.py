@@ -78,12 +78,11 @@ class Pretrainer:
         barrier()
         self.shards = train_shards_spec(cfg, env)
 
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.is_main)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = build_mae(cfg.model.name, img_size=cfg.data.input_size, norm_pix_loss=cfg.model.norm_pix_loss,
-                          grad_checkpointing=cfg.model.grad_checkpointing)
-        self.num_patches = model.patch_embed.num_patches
+        model = self.build_model()
         model.to(env.device)
-        optimizer = build_optimizer(model, cfg)
+        optimizer = self.build_optimizer(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.accum), dist_init_required=False)
         install_safe_loader(self.engine)
@@ -95,7 +94,6 @@ class Pretrainer:
         total_steps = self.steps_per_epoch * cfg.train.epochs
         self.end_step = min(total_steps, cfg.train.max_steps or total_steps)
 
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.is_main)
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.resumed_from: Optional[int] = None
         self.picture_step: Optional[int] = None
@@ -110,6 +108,45 @@ class Pretrainer:
         if self.resumed_from is None:
             self.tracker.log_artifact(self.run_dir / "config.yaml")
         self._record_attempt()
+
+    # -- what a subclass (fine-tuning) replaces -----------------------------------------------
+
+    def build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        model = build_mae(cfg.model.name, img_size=cfg.data.input_size, norm_pix_loss=cfg.model.norm_pix_loss,
+                          grad_checkpointing=cfg.model.grad_checkpointing)
+        self.num_patches = model.patch_embed.num_patches
+        if cfg.model.init and self.ckpt.latest() is None:  # continued pretraining; a resume ignores it
+            from mae_scale.weights import load_init
+
+            report = load_init(model, cfg.model.init, kind="pretrain")
+            if self.env.is_main:
+                print(f"initialized from {cfg.model.init}: {report}", flush=True)
+        return model
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        return build_optimizer(model, self.cfg)
+
+    def before_train(self) -> None:
+        pass
+
+    def after_step(self, micro_batches: list[dict]) -> None:
+        if self.cfg.tracking.image_every_steps and self.global_step % self.cfg.tracking.image_every_steps == 0:
+            self.picture = self._picture(micro_batches[0])
+
+    def after_epoch(self, micro_batches: list[dict]) -> None:
+        if not self.cfg.tracking.image_every_steps and micro_batches is not None:
+            self.picture = self._picture(micro_batches[0])
+
+    def after_train(self, micro_batches: Optional[list[dict]]) -> None:
+        if micro_batches is not None and self.picture_step != self.global_step:
+            self.picture = self._picture(micro_batches[0])  # the run always ends with a current picture
+
+    def result_extra(self) -> dict:
+        picture = self.picture
+        if picture is None and (self.run_dir / "reconstructions").is_dir():  # a rerun of a finished run
+            picture = max((self.run_dir / "reconstructions").glob("step_*.png"), default=None)
+        return {"picture": str(picture) if picture else None}
 
     # -- setup helpers -----------------------------------------------------------------------
 
@@ -194,13 +231,14 @@ class Pretrainer:
         cfg, t = self.cfg, self.cfg.train
         peak = peak_lr(cfg)
         if self.env.is_main:
-            print(f"run {self.run_dir}: {cfg.model.name}, world size {self.env.world_size}, "
+            print(f"run {self.run_dir}: {getattr(cfg.model, 'name', None) or cfg.model.arch}, world size {self.env.world_size}, "
                   f"global batch {t.global_batch_size} = {self.env.world_size} x {t.micro_batch_size} x {self.accum}, "
                   f"{self.steps_per_epoch} steps/epoch, steps {self.global_step}->{self.end_step}, peak lr {peak:.3g}",
                   flush=True)
         started, steps_run = time.perf_counter(), 0
         last_saved = self.resumed_from
-        picture, micro_batches = None, None
+        self.picture, micro_batches = None, None
+        self.before_train()
         while self.global_step < self.end_step:
             self.data = self._loader(self.epoch, self.step_in_epoch * self.accum)
             loader = iter(self.data)
@@ -216,22 +254,19 @@ class Pretrainer:
                 step_time = time.perf_counter() - t0
                 if self.global_step % t.log_every_steps == 0 or self.global_step == self.end_step:
                     self._log(loss, lr, step_time, started, steps_run)
-                if cfg.tracking.image_every_steps and self.global_step % cfg.tracking.image_every_steps == 0:
-                    picture = self._picture(micro_batches[0])
+                self.after_step(micro_batches)
                 if self.global_step % cfg.checkpoint.every_steps == 0:
                     self._save()
                     last_saved = self.global_step
             self.bad_before_epoch.update(self.data.bad_counts)
             if self.step_in_epoch == self.steps_per_epoch:  # epoch finished
-                if not cfg.tracking.image_every_steps and micro_batches is not None:
-                    picture = self._picture(micro_batches[0])
+                self.after_epoch(micro_batches)
                 self.epoch += 1
                 self.step_in_epoch = 0
         if last_saved != self.global_step:
             self._save()
-        if micro_batches is not None and self.picture_step != self.global_step:
-            picture = self._picture(micro_batches[0])  # the run always ends with a current picture
-        return self._finish(picture)
+        self.after_train(micro_batches)
+        return self._finish()
 
     def _log(self, loss: torch.Tensor, lr: float, step_time: float, started: float, steps_run: int) -> None:
         if not self.env.is_main:
@@ -278,11 +313,9 @@ class Pretrainer:
             self.tracker.set_tags({"last_checkpoint": path.resolve(), "last_checkpoint_step": self.global_step})
         return path
 
-    def _finish(self, picture: Optional[Path]) -> dict:
-        if picture is None and (self.run_dir / "reconstructions").is_dir():  # a rerun of a finished run
-            picture = max((self.run_dir / "reconstructions").glob("step_*.png"), default=None)
+    def _finish(self) -> dict:
         result = {"run_dir": str(self.run_dir.resolve()), "checkpoint": str(self.ckpt.latest()),
-                  "picture": str(picture) if picture else None, "steps": self.global_step,
+                  **self.result_extra(), "steps": self.global_step,
                   "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id}
         if self.env.is_main:
             curve = self.run_dir / "loss_curve.png"

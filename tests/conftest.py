@@ -16,3 +16,16 @@ def small_shards(tmp_path_factory) -> Path:
     make_sample_folder(root / "images", n_images=128, seed=0)
     write_shards(root / "images", root / "shards", samples_per_shard=32, seed=0, progress=False)
     return root / "shards"
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory) -> Path:
+    """Real labelled data: scikit-learn's digits as shards, 1500 train / 297 val (train/ and val/)."""
+    from data_pipeline import write_fashion_mnist_shards
+    from digits_data import write_digits_idx
+
+    root = tmp_path_factory.mktemp("digits")
+    (root / "idx").mkdir()
+    write_digits_idx(root / "idx", 1500, 297)
+    write_fashion_mnist_shards(root / "shards", src_dir=root / "idx", samples_per_shard=400, progress=False)
+    return root / "shards"

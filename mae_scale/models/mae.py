@@ -243,6 +243,12 @@ def mae_vit_tiny_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
     return _mae_preset("vit_tiny_patch16", decoder, **kwargs)
 
 
+def mae_vit_tiny_patch4(**kwargs: Any) -> MaskedAutoencoderViT:
+    """Small-image size (Fashion-MNIST recipe): 4-px patches, 128-d, 6 blocks; decoder 96-d, 2 blocks."""
+    decoder = dict(decoder_embed_dim=96, decoder_depth=2, decoder_num_heads=3)
+    return _mae_preset("vit_tiny_patch4", decoder, **kwargs)
+
+
 def mae_vit_base_patch16(**kwargs: Any) -> MaskedAutoencoderViT:
     """ViT-B/16 encoder (768-d, 12 blocks, 12 heads) + the paper's decoder."""
     return _mae_preset("vit_base_patch16", _PAPER_DECODER, **kwargs)
@@ -260,6 +266,7 @@ def mae_vit_huge_patch14(**kwargs: Any) -> MaskedAutoencoderViT:
 
 _PRESETS: Dict[str, Callable[..., MaskedAutoencoderViT]] = {
     "mae_vit_tiny_patch16": mae_vit_tiny_patch16,
+    "mae_vit_tiny_patch4": mae_vit_tiny_patch4,
     "mae_vit_base_patch16": mae_vit_base_patch16,
     "mae_vit_large_patch16": mae_vit_large_patch16,
     "mae_vit_huge_patch14": mae_vit_huge_patch14,

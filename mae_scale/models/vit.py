@@ -29,6 +29,8 @@ class ViTArch:
 VIT_ARCHS: Dict[str, ViTArch] = {
     # Not a published size: 4 blocks keep the CPU tests fast while still exercising depth.
     "vit_tiny_patch16": ViTArch(patch_size=16, embed_dim=192, depth=4, num_heads=3),
+    # Not a published size either: 4-px patches for 28 px images (the Fashion-MNIST recipe, on CPU).
+    "vit_tiny_patch4": ViTArch(patch_size=4, embed_dim=128, depth=6, num_heads=4),
     "vit_base_patch16": ViTArch(patch_size=16, embed_dim=768, depth=12, num_heads=12),
     "vit_large_patch16": ViTArch(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14": ViTArch(patch_size=14, embed_dim=1280, depth=32, num_heads=16),

@@ -1,0 +1,210 @@
+"""The validation stream: every sample of a shard set exactly once over all ranks, in order.
+
+Evaluation needs the opposite of training's epoch stream (``stream.py``): no shuffle, no dropped
+remainder, no refill of bad samples, and ranks may end with different batch counts. The rules:
+
+1. Positions. The shards in their canonical (manifest) order, concatenated, number the samples
+   0..N-1.
+2. Ranks. Rank r gets the contiguous range ``[r*N//R + min(r, N%R), ...)`` of ``N//R`` or
+   ``N//R + 1`` samples (10 over 3 ranks: 4/3/3); nothing is dropped.
+3. Workers. The rank's range is cut into batches of ``batch_size`` (only the last may be short),
+   and worker w gets a contiguous run of those batches, so each worker opens only the shards its
+   run touches and reads every sample once (earlier members of its first shard are passed over
+   without reading their data).
+4. Batches. A worker fills batches with the good samples of its run, in order. Bad samples
+   (undecodable, empty, too large, no image member, non-integer ``.cls``, a shard shorter than
+   its manifest says) are skipped and counted by kind in ``loader.bad_counts``; a batch after a
+   bad sample may be short. DataLoader takes the workers' batches round robin, so the batch
+   order is deterministic (positional within each worker).
+
+Because ranks may yield different numbers of batches, gather metrics after the loop (sum of
+correct / count over ranks), not per batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import gopen
+
+from .augment import BadImage
+from .stream import ShardSet, resolve_shards
+from .tario import IMAGE_EXTS, iter_tar_samples
+
+__all__ = ["make_eval_loader", "EvalLoader", "split_range"]
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[bytes, torch.Generator], torch.Tensor]
+_MAX_LOGGED = 5  # bad-sample warnings per worker
+
+
+def split_range(n: int, parts: int, part: int) -> tuple[int, int]:
+    """[start, stop) of ``part`` when 0..n-1 is cut into ``parts`` contiguous, near-equal pieces
+    (the first ``n % parts`` pieces one longer)."""
+    base, extra = divmod(n, parts)
+    start = part * base + min(part, extra)
+    return start, start + base + (part < extra)
+
+
+class EvalStream(IterableDataset):
+    """One rank's samples; each (DataLoader) worker yields the batches of its own run."""
+
+    def __init__(self, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
+                 num_workers: int, transform: Transform) -> None:
+        self.ss, self.batch_size, self.transform = shardset, batch_size, transform
+        self.W = max(num_workers, 1)
+        self.lo, self.hi = split_range(shardset.total, world_size, rank)
+        self.starts = [0]
+        for c in shardset.counts:
+            self.starts.append(self.starts[-1] + c)
+
+    @property
+    def num_batches(self) -> int:
+        """Batches of this rank when no sample is bad: ceil(samples / batch_size)."""
+        return -(-(self.hi - self.lo) // self.batch_size)
+
+    def worker_range(self, worker: int) -> tuple[int, int]:
+        """[start, stop) global positions of ``worker``: a contiguous run of whole batches."""
+        b0, b1 = split_range(self.num_batches, self.W, worker)
+        return self.lo + b0 * self.batch_size, min(self.lo + b1 * self.batch_size, self.hi)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        yield from self._worker(info.id if info is not None else 0)
+
+    def _read(self, lo: int, hi: int) -> Iterator[tuple[str | None, dict | None]]:
+        """(key, members) for positions lo..hi-1 in order; (None, None) for positions a shard
+        does not have although its manifest count says so."""
+        for shard, url in enumerate(self.ss.urls):
+            s, e = self.starts[shard], self.starts[shard + 1]
+            if e <= lo or s >= hi:
+                continue
+            first, stop = max(lo - s, 0), min(hi, e) - s
+            got = first
+            f = gopen(url, "rb")
+            try:
+                for i, key, members in iter_tar_samples(f, want=lambda i: i >= first, stop=stop):
+                    if i >= first:
+                        got = i + 1
+                        yield key, members
+            finally:
+                f.close()
+            for _ in range(stop - got):
+                yield None, None
+
+    def _decode(self, key: str | None, members: dict | None) -> tuple[int, torch.Tensor]:
+        if members is None:
+            raise BadImage("missing", "shard has fewer samples than its manifest says")
+        ext = next((x for x in IMAGE_EXTS if x in members), None)
+        if ext is None:
+            raise BadImage("no_image", f"no image member (has {sorted(members)})")
+        label = -1
+        if "cls" in members:
+            try:
+                label = int(members["cls"].decode().strip())
+            except (ValueError, UnicodeDecodeError):
+                raise BadImage("bad_label", f"non-integer .cls {members['cls'][:20]!r}") from None
+        try:
+            return label, self.transform(members[ext], None)
+        except BadImage:
+            raise
+        except (RuntimeError, ValueError, OSError) as e:
+            raise BadImage("undecodable", f"{type(e).__name__}: {e}") from None
+
+    def _worker(self, worker: int) -> Iterator[dict]:
+        lo, hi = self.worker_range(worker)
+        keys: list[str] = []
+        labels: list[int] = []
+        images: list[torch.Tensor] = []
+        bad: Counter[str] = Counter()
+        logged = 0
+        for pos, (key, members) in enumerate(self._read(lo, hi), lo):
+            try:
+                label, img = self._decode(key, members)
+            except BadImage as e:
+                bad[e.kind] += 1
+                if logged < _MAX_LOGGED:
+                    logged += 1
+                    log.warning("skipping bad eval sample %s (%s): %s",
+                                key or f"<position {pos}>", e.kind, e.reason)
+                continue
+            keys.append(key)
+            labels.append(label)
+            images.append(img)
+            if len(keys) == self.batch_size:
+                yield _batch(keys, labels, images, bad)
+                keys, labels, images, bad = [], [], [], Counter()
+        if keys or bad:
+            yield _batch(keys, labels, images, bad)  # an image-less one only carries counts
+
+
+def _batch(keys: list[str], labels: list[int], images: list[torch.Tensor], bad: Counter) -> dict:
+    return {"image": torch.stack(images) if images else None, "key": keys,
+            "label": torch.tensor(labels, dtype=torch.int64), "bad": dict(bad)}
+
+
+class EvalLoader:
+    """Iterable of ``{"image": uint8 [B,3,S,S], "label": int64 [B], "key": list[str]}``.
+
+    ``num_samples``: samples assigned to this rank (bad ones included); ``len()``: its batches
+    when none is bad (an upper bound); ``bad_counts``: bad samples by kind seen by the current
+    or last iteration.
+    """
+
+    def __init__(self, stream: EvalStream, num_workers: int, pin_memory: bool) -> None:
+        self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
+        self.bad_counts: Counter[str] = Counter()
+
+    @property
+    def num_samples(self) -> int:
+        return self.stream.hi - self.stream.lo
+
+    def __len__(self) -> int:
+        return self.stream.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        self.bad_counts = Counter()
+        if self.num_workers == 0:
+            batches: Iterator[dict] = iter(self.stream)
+        else:
+            batches = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory, persistent_workers=False))
+        for batch in batches:
+            self.bad_counts.update(batch.pop("bad"))
+            if batch["key"]:
+                yield batch
+
+
+def make_eval_loader(
+    shards: str | os.PathLike | Sequence[str | os.PathLike] | ShardSet,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    transform: Transform,
+    pin_memory: bool = False,
+) -> EvalLoader:
+    """This rank's share of every sample of ``shards``, exactly once over all ranks, unshuffled
+    (see the module docstring). ``transform``: ``(bytes, generator) -> uint8 [3, S, S]``, called
+    with ``generator=None`` (e.g. ``EvalTransform``); it must be picklable when
+    ``num_workers > 0``. Samples without a ``.cls`` member get label -1."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if not callable(transform):
+        raise ValueError(f"transform must be a callable (bytes, generator) -> uint8 [3, S, S], "
+                         f"got {transform!r}")
+    ss = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+    stream = EvalStream(ss, batch_size=batch_size, rank=rank, world_size=world_size,
+                        num_workers=num_workers, transform=transform)
+    return EvalLoader(stream, num_workers, pin_memory)

@@ -1,0 +1,245 @@
+"""Fine-tuning and linear probing in the same DeepSpeed ZeRO engine, loop, checkpoints and MLflow
+tracking as pretraining (`Finetuner` is a `Pretrainer` with another model, data and step).
+
+- Fine-tuning (MAE appendix A.2): timm ViT with global average pooling, layer-wise LR decay
+  (`mae_scale.optim.param_groups_lrd`), AdamW, RandAugment, random erasing, Mixup/CutMix with
+  soft-target cross entropy or label smoothing, drop path.
+- Linear probing (appendix A.3): frozen encoder, BatchNorm (no affine) + linear head on the cls
+  token, LARS; BatchNorm statistics are averaged over the ranks before each evaluation and save.
+
+Everything random in a step (mixup draws, erasing, drop path) is seeded from (seed, step, rank,
+micro-batch), so a resumed run takes the same steps as an uninterrupted one. Evaluation runs at
+the end of every `train.eval_every_epochs`-th epoch and at the end; results go to eval.jsonl,
+the terminal and MLflow; the best and last top-1 are in result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import torch
+
+from mae_scale import faults
+from mae_scale.distributed import DistEnv, all_reduce_mean, broadcast_object
+from mae_scale.evaluate import evaluate, sync_buffers
+from mae_scale.finetune_config import FinetuneConfig
+from mae_scale.lars import LARS
+from mae_scale.models import build_vit_classifier
+from mae_scale.optim import param_groups_lrd
+from mae_scale.trainer import NonFiniteLossError, Pretrainer, derived_seed
+from mae_scale.visualize import normalize_on_device
+
+
+def seed_everything(seed: int) -> None:
+    """timm's Mixup draws from numpy, RandomErasing from `random` and torch, drop path from torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_classifier(cfg: FinetuneConfig) -> torch.nn.Module:
+    m, probe = cfg.model, cfg.mode == "linprobe"
+    model = build_vit_classifier(m.arch, m.num_classes, img_size=cfg.data.input_size,
+                                 drop_path_rate=0.0 if probe else m.drop_path, global_pool=m.global_pool,
+                                 linear_probe=probe)
+    if m.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def load_classifier_init(model: torch.nn.Module, cfg: FinetuneConfig) -> dict:
+    from mae_scale.weights import load_init
+
+    return load_init(model, cfg.model.init, kind=cfg.mode)
+
+
+class Finetuner(Pretrainer):
+    def __init__(self, cfg: FinetuneConfig, env: DistEnv):
+        self.probe = cfg.mode == "linprobe"
+        self.last_eval_step = None
+        super().__init__(cfg, env)
+        self.param_dtype = next(self.engine.module.parameters()).dtype
+        self.mixup, self.criterion = self._mixup_and_criterion()
+        self.eraser = None
+        if cfg.data.reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.eraser = RandomErasing(cfg.data.reprob, mode="pixel", max_count=1, device=str(env.device))
+        rows = broadcast_object(self._eval_rows() if env.is_main else None)
+        self.last_eval_step = rows[-1]["step"] if rows else None
+
+    # -- model, optimizer, data ------------------------------------------------------------------
+
+    def build_model(self) -> torch.nn.Module:
+        model = build_classifier(self.cfg)
+        if self.cfg.model.init and self.ckpt.latest() is None:  # a resume ignores the init
+            report = load_classifier_init(model, self.cfg)
+            if self.env.is_main:
+                print(f"initialized from {self.cfg.model.init}: {report}", flush=True)
+        return model
+
+    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        if self.probe:  # the head only, plain groups (MAE probes with LARS, no weight decay)
+            groups = [{"params": [p for p in model.parameters() if p.requires_grad],
+                       "weight_decay": o.weight_decay, "lr_scale": 1.0}]
+        else:
+            groups = param_groups_lrd(model, o.weight_decay, o.layer_decay)
+            for group in groups:
+                group.pop("param_names")  # for inspection only; the engine gets plain groups
+        if o.name == "lars":
+            return LARS(groups, lr=0.0, momentum=o.momentum)
+        if o.name == "sgd":
+            return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum)
+        fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), fused=fused or None)
+
+    def _loader(self, epoch: int, skip_batches: int):
+        from data_pipeline import make_loader
+        from data_pipeline.finetune_augment import FinetuneAugment
+
+        d, t = self.cfg.data, self.cfg.train
+        augment = FinetuneAugment(d.input_size, scale=(d.crop_scale_min, 1.0), auto_augment=d.auto_augment or None)
+        return make_loader(self.shards, t.micro_batch_size, rank=self.env.rank, world_size=self.env.world_size,
+                           num_workers=d.num_workers, epoch=epoch, seed=t.seed,
+                           skip_samples=skip_batches * t.micro_batch_size, input_size=d.input_size,
+                           augment=augment, max_bad_fraction=d.max_bad_fraction)
+
+    def _mixup_and_criterion(self):
+        from timm.data import Mixup
+        from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+        d = self.cfg.data
+        if d.mixup > 0 or d.cutmix > 0:
+            mixup = Mixup(mixup_alpha=d.mixup, cutmix_alpha=d.cutmix, prob=1.0, switch_prob=0.5, mode="batch",
+                          label_smoothing=d.smoothing, num_classes=self.cfg.model.num_classes)
+            return mixup, SoftTargetCrossEntropy()
+        if d.smoothing > 0:
+            return None, LabelSmoothingCrossEntropy(smoothing=d.smoothing)
+        return None, torch.nn.CrossEntropyLoss()
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+        step_losses = []
+        num_classes = self.cfg.model.num_classes
+        for i, batch in enumerate(micro_batches):
+            seed_everything(derived_seed(self.cfg.train.seed, self.global_step, self.env.rank, i, 0xF17E))
+            labels = batch["label"].to(self.env.device)
+            if (labels < 0).any() or (labels >= num_classes).any():
+                raise ValueError(f"training labels must be in [0, {num_classes}); got {labels.min().item()}.."
+                                 f"{labels.max().item()}: use labelled shards (.cls) and set model.num_classes")
+            imgs = normalize_on_device(batch["image"], self.env.device)
+            if self.eraser is not None:
+                imgs = self.eraser(imgs)
+            targets = labels
+            if self.mixup is not None:
+                imgs, targets = self.mixup(imgs, labels)
+            logits = self.engine(imgs.to(self.param_dtype))
+            loss = self.criterion(logits.float(), targets)
+            if faults.armed("nan_loss", self.global_step):
+                loss = loss * float("nan")
+            step_losses.append(loss.detach())
+            self.engine.backward(loss)
+            if i == len(micro_batches) - 1:
+                mean_loss = all_reduce_mean(torch.stack(step_losses).mean())
+                if not torch.isfinite(mean_loss):
+                    raise NonFiniteLossError(f"loss became {mean_loss.item()} at step {self.global_step}")
+            self.engine.step()
+        return mean_loss
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    def evaluate(self) -> dict:
+        d = self.cfg.data
+        if self.probe:
+            sync_buffers(self.engine.module)
+        result = evaluate(self.engine.module, d.val_shards, self.env, input_size=d.input_size,
+                          crop_pct=d.eval_crop_pct, batch_size=d.eval_batch_size, num_workers=d.num_workers,
+                          num_classes=self.cfg.model.num_classes)
+        self.last_eval_step = self.global_step
+        if self.env.is_main:
+            row = {"step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 3), **result}
+            with open(self.run_dir / "eval.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            best = max(r["acc1"] for r in self._eval_rows())
+            print(f"eval at step {self.global_step} (epoch {row['epoch']:g}): top-1 {result['acc1']:.2f}% "
+                  f"top-5 {result['acc5']:.2f}% loss {result['loss']:.4f} over {result['samples']} images "
+                  f"({result['samples'] / result['seconds']:.0f} img/s) | best top-1 {best:.2f}%", flush=True)
+            self.tracker.log_metrics({"val_acc1": result["acc1"], "val_acc5": result["acc5"],
+                                      "val_loss": result["loss"], "val_best_acc1": best}, step=self.global_step)
+        return result
+
+    def _eval_rows(self) -> list[dict]:
+        path = self.run_dir / "eval.jsonl"
+        return [json.loads(r) for r in path.read_text().splitlines() if r] if path.is_file() else []
+
+    def _truncate_metrics(self, step: int) -> None:
+        super()._truncate_metrics(step)
+        path = self.run_dir / "eval.jsonl"
+        if path.is_file():
+            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+            path.write_text("".join(r + "\n" for r in rows))
+
+    def _eval_due_after_epoch(self, finished_epochs: int) -> bool:
+        return finished_epochs % self.cfg.train.eval_every_epochs == 0
+
+    # -- hooks of the loop -----------------------------------------------------------------------
+
+    def before_train(self) -> None:
+        # A kill between an epoch's last checkpoint and its evaluation: evaluate it now.
+        at_epoch_end = self.global_step > 0 and self.step_in_epoch == 0
+        if at_epoch_end and self._eval_due_after_epoch(self.epoch) and self.last_eval_step != self.global_step:
+            self.evaluate()
+
+    def after_step(self, micro_batches: list[dict]) -> None:
+        pass
+
+    def after_epoch(self, micro_batches: list[dict]) -> None:
+        if self._eval_due_after_epoch(self.epoch + 1) or self.global_step == self.end_step:
+            self.evaluate()
+
+    def after_train(self, micro_batches) -> None:
+        if self.last_eval_step != self.global_step:
+            self.evaluate()
+
+    def _save(self):
+        if self.probe:
+            sync_buffers(self.engine.module)
+        return super()._save()
+
+    def result_extra(self) -> dict:
+        rows = broadcast_object(self._eval_rows() if self.env.is_main else None) or []
+        best = max(rows, key=lambda r: r["acc1"], default=None)
+        last = rows[-1] if rows else None
+        extra = {"mode": self.cfg.mode, "eval_log": str(self.run_dir / "eval.jsonl")}
+        if best:
+            extra.update(best_acc1=best["acc1"], best_step=best["step"], last_acc1=last["acc1"],
+                         last_acc5=last["acc5"], last_loss=last["loss"])
+            if self.env.is_main:
+                self.tracker.log_metrics({"best_acc1": best["acc1"], "last_acc1": last["acc1"]}, step=self.global_step)
+        return extra
+
+
+def evaluate_only(cfg: FinetuneConfig, env: DistEnv) -> dict:
+    """`--eval-only`: the model of `model.init` (a fine-tuned run dir, an export, a published
+    fine-tuned .pth) on the validation set; prints and returns the figures."""
+    if not cfg.model.init:
+        from mae_scale.config import ConfigError
+
+        raise ConfigError("--eval-only needs model.init=... (a fine-tuned run directory or weights file)")
+    torch.manual_seed(cfg.train.seed)
+    model = build_classifier(cfg)
+    report = load_classifier_init(model, cfg)
+    model.to(env.device)
+    d = cfg.data
+    result = evaluate(model, d.val_shards, env, input_size=d.input_size, crop_pct=d.eval_crop_pct,
+                      batch_size=d.eval_batch_size, num_workers=d.num_workers, num_classes=cfg.model.num_classes)
+    result["init"] = cfg.model.init
+    result["init_report"] = report
+    if env.is_main:
+        print(f"eval of {cfg.model.init}: top-1 {result['acc1']:.2f}% top-5 {result['acc5']:.2f}% "
+              f"loss {result['loss']:.4f} over {result['samples']} images", flush=True)
+    return result

@@ -1,0 +1,165 @@
+"""The typed config tree of fine-tuning and linear-probing runs (`mae-scale finetune`, `linprobe`).
+
+Same loading rules as pretraining (`mae_scale.config`: YAML preset with `base:`, dotted overrides,
+one-line refusals before any work); the train / checkpoint / tracking sections are the pretraining
+ones, so batch layout, schedule, checkpoints and MLflow behave identically. Defaults are MAE's
+ViT-B fine-tuning recipe (arXiv 2111.06377, appendix A.2, table 9); the presets in
+configs/finetune/ and configs/linprobe/ hold the per-size recipes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from mae_scale.config import (CheckpointConfig, ConfigError, TrackingConfig, TrainConfig, doc, load_config, read_preset,
+                              shards_exist)
+
+
+@dataclass
+class ClassifierConfig:
+    arch: str = doc("vit_base_patch16", "Encoder: one of mae_scale.models.VIT_ARCHS (vit_base_patch16, ...).")
+    num_classes: int = doc(1000, "Classes of the labelled data (ImageNet: 1000).")
+    init: str = doc("", "Initial encoder: a mae-scale pretraining run/checkpoint dir, an exported .safetensors, "
+                    "or a published MAE .pth; empty: random initialization.")
+    drop_path: float = doc(0.1, "Stochastic depth rate (MAE: 0.1 ViT-B, 0.2 ViT-L, 0.3 ViT-H).")
+    global_pool: Literal["avg", "token"] = doc(
+        "avg", "avg: mean of the patch tokens then fc_norm (MAE fine-tuning); token: the cls token after "
+        "the final norm (MAE linear probing).")
+    grad_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
+
+
+@dataclass
+class FinetuneDataConfig:
+    train_shards: str = doc("", "Labelled WebDataset shards (`.cls` labels) to train on.")
+    val_shards: str = doc("", "Labelled shards to evaluate on (every sample counted once over all ranks).")
+    input_size: int = doc(224, "Side of the square crop fed to the model; position embeddings of `model.init` "
+                          "are interpolated when it differs from the pretraining size.")
+    crop_scale_min: float = doc(0.08, "Smallest RandomResizedCrop area share of the train transform.")
+    auto_augment: str = doc("rand-m9-mstd0.5-inc1", "timm RandAugment policy of the train transform; empty: none.")
+    reprob: float = doc(0.25, "Random erasing probability (timm RandomErasing, per image, pixel mode).")
+    mixup: float = doc(0.8, "Mixup alpha (timm Mixup); 0 with cutmix 0 turns mixing off.")
+    cutmix: float = doc(1.0, "CutMix alpha (timm Mixup switches between the two with probability 0.5).")
+    smoothing: float = doc(0.1, "Label smoothing.")
+    eval_crop_pct: float = doc(0.875, "Evaluation: resize the short side to input_size / eval_crop_pct, "
+                               "then center-crop input_size (224: 256 then 224).")
+    eval_batch_size: int = doc(64, "Images per rank per evaluation forward.")
+    num_workers: int = doc(8, "Decode/augment worker processes per rank (0 = in the main process).")
+    max_bad_fraction: float = doc(0.01, "Stop with an error when more than this share of samples is unreadable.")
+
+
+@dataclass
+class FinetuneOptimConfig:
+    name: Literal["adamw", "lars", "sgd"] = doc("adamw", "adamw (fine-tuning), lars or sgd (linear probing).")
+    blr: float = doc(5e-4, "Base learning rate; lr = blr x global_batch_size / 256.")
+    lr: Optional[float] = doc(None, "Absolute peak learning rate; overrides blr when set.")
+    min_lr: float = doc(1e-6, "Learning rate at the end of the cosine.")
+    weight_decay: float = doc(0.05, "Weight decay (never on biases, norms, tokens, position embeddings).")
+    layer_decay: float = doc(0.65, "Layer-wise LR decay: block i gets lr x decay^(depth - i) (1.0: off).")
+    betas: list = doc([0.9, 0.999], "AdamW betas.")
+    momentum: float = doc(0.9, "Momentum of lars / sgd.")
+    clip_grad: Optional[float] = doc(None, "Clip the global gradient norm to this value (None: no clipping).")
+
+
+@dataclass
+class FinetuneTrainConfig(TrainConfig):
+    global_batch_size: int = doc(1024, "Images per optimizer step across all ranks (effective batch).")
+    micro_batch_size: int = doc(32, "Images per rank per forward/backward.")
+    epochs: int = doc(100, "Length of the schedule in epochs.")
+    warmup_epochs: float = doc(5, "Linear warmup, in epochs, before the half-cycle cosine.")
+    eval_every_epochs: int = doc(1, "Evaluate every this many epochs (and always at the end).")
+
+
+@dataclass
+class FinetuneConfig:
+    mode: Literal["finetune", "linprobe"] = doc(
+        "finetune", "finetune: train everything with layer-wise LR decay; linprobe: frozen encoder, "
+        "BatchNorm (no affine) + linear head. Set by the verb.")
+    output_dir: str = doc("runs/finetune", "Run directory: config, checkpoints, eval.jsonl. Re-using it resumes.")
+    model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    deepspeed: dict = doc({}, "Raw DeepSpeed config merged on top of the generated one (expert use).")
+
+
+def validate_finetune(cfg: FinetuneConfig) -> None:
+    from mae_scale.models import VIT_ARCHS
+
+    m, d, o, t, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
+    if m.arch not in VIT_ARCHS:
+        raise ConfigError(f"model.arch={m.arch!r} is unknown; use one of {', '.join(VIT_ARCHS)}")
+    if m.init and not Path(m.init).exists():
+        raise ConfigError(f"model.init={m.init!r} does not exist; point it at a pretraining run directory, "
+                          "an exported .safetensors or a published MAE .pth (or leave it empty for random init)")
+    for key in ("train_shards", "val_shards"):
+        spec = getattr(d, key)
+        if not spec:
+            raise ConfigError(f"data.{key} is empty; point it at labelled shards, e.g. from "
+                              "`mae-scale data fashion-mnist OUT` or `mae-scale make-shards IMAGENET_DIR OUT`")
+        if spec == "builtin" or not shards_exist(spec):
+            raise ConfigError(f"data.{key}={spec!r} does not exist; point it at labelled shards written by "
+                              "`mae-scale make-shards` or `mae-scale data fashion-mnist`")
+    positive = {
+        "model.num_classes": m.num_classes, "data.input_size": d.input_size,
+        "data.eval_batch_size": d.eval_batch_size, "train.global_batch_size": t.global_batch_size,
+        "train.micro_batch_size": t.micro_batch_size, "train.epochs": t.epochs,
+        "train.eval_every_epochs": t.eval_every_epochs, "train.log_every_steps": t.log_every_steps,
+        "checkpoint.every_steps": c.every_steps, "checkpoint.keep_last": c.keep_last,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be a positive integer")
+    for key, value in {"train.max_steps": t.max_steps, "train.grad_accum_steps": t.grad_accum_steps}.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value} must be a positive integer or null")
+    shares = {"model.drop_path": m.drop_path, "data.reprob": d.reprob, "data.smoothing": d.smoothing}
+    for key, value in shares.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}={value} must be in [0, 1)")
+    if not 0.0 < d.crop_scale_min <= 1.0 or not 0.0 < d.eval_crop_pct <= 1.0:
+        raise ConfigError(f"data.crop_scale_min={d.crop_scale_min} and data.eval_crop_pct={d.eval_crop_pct} "
+                          "must be in (0, 1]")
+    if d.mixup < 0 or d.cutmix < 0:
+        raise ConfigError(f"data.mixup={d.mixup} and data.cutmix={d.cutmix} must be >= 0")
+    if (d.mixup > 0 or d.cutmix > 0) and t.micro_batch_size % 2:
+        raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be even with mixup/cutmix on "
+                          "(timm's Mixup pairs each image with the batch flipped)")
+    if d.num_workers < 0:
+        raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
+    if not 0 <= t.warmup_epochs <= t.epochs:
+        raise ConfigError(f"train.warmup_epochs={t.warmup_epochs} must be between 0 and train.epochs={t.epochs}")
+    if not 0.0 < o.layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1.0 turns it off)")
+    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
+    for key, value in {"optim.blr": o.blr, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
+                       "optim.momentum": o.momentum}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if o.lr is not None and o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be positive or null")
+    if o.clip_grad is not None and o.clip_grad <= 0:
+        raise ConfigError(f"optim.clip_grad={o.clip_grad} must be positive or null")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                          f"train.micro_batch_size={t.micro_batch_size}")
+    if cfg.mode == "linprobe" and o.name == "adamw" and o.layer_decay != 1.0:
+        raise ConfigError("linear probing trains only the head: set optim.layer_decay=1.0 (or use optim.name=lars)")
+
+
+def load_finetune_config(path, overrides=(), mode: Optional[str] = None) -> FinetuneConfig:
+    """Preset + overrides (+ the verb's mode) -> a validated FinetuneConfig (raises ConfigError)."""
+    overrides = list(overrides)
+    if mode is not None:
+        preset_mode = (read_preset(path) if path else {}).get("mode", mode)
+        if preset_mode != mode:
+            raise ConfigError(f"{path} is a {preset_mode} preset; run `mae-scale {preset_mode}` with it, "
+                              f"or pick a preset from configs/{mode}/")
+        overrides.append(f"mode={mode}")
+    return load_config(path, overrides, cls=FinetuneConfig, check=validate_finetune)
