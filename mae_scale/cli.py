@@ -127,15 +127,6 @@ def _bench_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
-    from mae_scale.bench import bench_step
-
-    rows = bench_step(model=args.model, batch=args.batch, precision=args.precision, steps=args.steps,
-                      warmup=args.warmup, img_size=args.img_size, repeats=args.repeats)
-    print(json.dumps(rows) if args.json else rows["table"])
-    return 0
-
-
 def _config_reference(args: argparse.Namespace) -> int:
     from mae_scale.config import PretrainConfig, reference_markdown
     from mae_scale.finetune_config import FinetuneConfig
@@ -183,16 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("bench", help="benchmarks that print measured figures")
     sub = p.add_subparsers(dest="what", required=True)
-    s = sub.add_parser("step", help="images/s, step time, peak memory (and MFU on GPU) of the training step")
-    s.add_argument("--model", default="mae_vit_base_patch16")
-    s.add_argument("--batch", type=int, default=64)
-    s.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
-    s.add_argument("--img-size", type=int, default=224)
-    s.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
-    s.add_argument("--warmup", type=int, default=3)
-    s.add_argument("--repeats", type=int, default=3, help="the table shows the median over repeats")
-    s.add_argument("--json", action="store_true")
-    s.set_defaults(run=_bench)
+    from mae_scale.bench import add_bench_step_arguments
+
+    add_bench_step_arguments(sub.add_parser(
+        "step", help="images/s, step time, MFU, peak memory of the training step; --baseline/--compile/--compare"))
     s = sub.add_parser("data", help="images/s (and per core) of the loader vs the official PIL+torchvision pipeline")
     s.add_argument("shards", help="manifest, shard folder or brace pattern")
     s.add_argument("--workers", type=int, default=1)
@@ -218,8 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from launchers.slurm import add_status_parser, add_submit_parser
     from mae_scale.export import add_export_parser
+    from mae_scale.plan import add_plan_parser
 
     add_export_parser(verbs)
+    add_plan_parser(verbs)
 
     add_submit_parser(verbs)
     add_status_parser(verbs)
