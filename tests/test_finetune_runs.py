@@ -28,7 +28,8 @@ def tiny(shards, out, **extra) -> list[str]:
         "output_dir": out, "model.init": "", "data.train_shards": shards / "train/manifest.json",
         "data.val_shards": shards / "val/manifest.json", "data.input_size": 8, "data.num_workers": 0,
         "data.eval_batch_size": 40, "optim.blr": 1e-2, "train.global_batch_size": 64, "train.micro_batch_size": 32, "train.epochs": 2,
-        "train.log_every_steps": 5, "train.warmup_epochs": 0.3, "checkpoint.every_steps": 10,
+        "train.log_every_steps": 5, "train.warmup_epochs": 0.3, "train.eval_every_epochs": 1,
+        "checkpoint.every_steps": 10,
         "tracking.enabled": "false",
     }
     values.update(extra)
@@ -67,7 +68,9 @@ def pretrained(digits_shards, tmp_path_factory):
 
 def test_finetune_from_mae_run_trains_evaluates_and_records(digits_shards, pretrained, tmp_path):
     out = tmp_path / "ft"
-    proc = mae_scale("finetune", FT, tiny(digits_shards, out, **{"model.init": pretrained}))
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = mae_scale("finetune", FT, tiny(digits_shards, out, **{
+        "model.init": pretrained, "tracking.enabled": "true", "tracking.tracking_uri": store}))
     assert f"initialized from {pretrained}" in proc.stdout
     rows = eval_rows(out)
     assert [r["step"] for r in rows] == [23, 46]  # each epoch's end
@@ -75,6 +78,15 @@ def test_finetune_from_mae_run_trains_evaluates_and_records(digits_shards, pretr
     result = json.loads((out / "result.json").read_text())
     assert result["best_acc1"] == max(r["acc1"] for r in rows) and result["last_acc1"] == rows[-1]["acc1"]
     assert result["last_acc1"] > 30.0  # 10 classes: chance is 10 %; two short epochs already learn
+    # MLflow holds the evaluations against the step, and the run's params
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=store)
+    history = client.get_metric_history(result["mlflow_run_id"], "val_acc1")
+    assert [(m.step, m.value) for m in history] == [(r["step"], r["acc1"]) for r in rows]
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.params["mode"] == "finetune" and run.data.params["optim.layer_decay"] == "0.75"
+    assert run.info.status == "FINISHED"
     # --eval-only on the fine-tuned run reproduces its last evaluation
     proc = mae_scale("finetune", FT, tiny(digits_shards, tmp_path / "ev", **{"model.init": out}),
                      extra_args=("--eval-only",))
@@ -116,6 +128,15 @@ def test_world2_zero3_finetune_resumes_exactly_and_counts_every_sample_once(digi
     one = json.loads((tmp_path / "ev/eval_only.json").read_text())
     assert one["samples"] == N_VAL and one["acc1"] == pytest.approx(rows[-1]["acc1"])
     assert one["loss"] == pytest.approx(rows[-1]["loss"], rel=1e-4), ev.stdout
+
+
+def test_submit_runs_the_finetune_verb_on_slurm(digits_shards, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "mae_scale", "submit", "--verb", "finetune", "--config", str(FT),
+                           "--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--partition", "debug",
+                           "--time", "00:10:00", "--dry-run", *tiny(digits_shards, tmp_path / "ft")],
+                          capture_output=True, text=True, timeout=120, env=run_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "each task runs: mae-scale finetune --config" in proc.stdout and "world size 2" in proc.stdout
 
 
 def test_refusals_are_one_line_and_before_any_work(digits_shards, small_shards, tmp_path):
