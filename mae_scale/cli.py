@@ -204,9 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     from launchers.slurm import add_status_parser, add_submit_parser
     from mae_scale.export import add_export_parser
     from mae_scale.plan import add_plan_parser
+    from mae_scale.tokenizer import add_tokenizer_parser
 
     add_export_parser(verbs)
     add_plan_parser(verbs)
+    add_tokenizer_parser(verbs)
 
     add_submit_parser(verbs)
     add_status_parser(verbs)

@@ -32,9 +32,20 @@ def doc(default: Any, help: str, **kwargs: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    name: str = doc("mae_vit_base_patch16", "Model preset: one of mae_scale.models.MODEL_NAMES.")
-    mask_ratio: float = doc(0.75, "Share of patches hidden from the encoder, in (0, 1).")
+    objective: Literal["mae", "simmim", "beit"] = doc(
+        "mae", "Pretraining objective over the one ViT encoder: mae (pixels of removed patches, encoder on "
+        "visible patches only), simmim (L1 on masked pixels, mask token in the encoder, linear head), beit "
+        "(cross entropy on tokenizer ids of blockwise-masked patches).")
+    name: str = doc("mae_vit_base_patch16", "mae: one of mae_scale.models.MODEL_NAMES; simmim / beit: an encoder "
+                    "of mae_scale.models.VIT_ARCHS (vit_base_patch16, ...).")
+    mask_ratio: float = doc(0.75, "Share of patches (mae) or of mask cells (simmim: 0.6) hidden, in (0, 1).")
     norm_pix_loss: bool = doc(True, "Regress per-patch normalized pixels (the paper's default).")
+    mask_patch_size: int = doc(32, "simmim: side of a mask cell in pixels (a multiple of the patch size).")
+    num_masking_patches: int = doc(75, "beit: patches masked per image, in blocks (BEiT: 75 of 196).")
+    min_block_patches: int = doc(16, "beit: smallest block of the blockwise mask, in patches.")
+    tokenizer: str = doc("", "beit: the tokenizer file (`mae-scale tokenizer fit`); local paths only.")
+    layer_scale: float = doc(0.1, "simmim / beit: initial layer-scale value of every block (0: none).")
+    drop_path: float = doc(0.1, "simmim / beit: stochastic depth rate during pretraining.")
     grad_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
     init: str = doc("", "Start from these weights instead of random ones (continued pretraining): a published MAE "
                     ".pth, an exported .safetensors, or a mae-scale run/checkpoint dir; a resumed run ignores it.")
@@ -273,8 +284,10 @@ def validate(cfg: PretrainConfig) -> None:
     from mae_scale.models import MODEL_NAMES
 
     m, d, o, t, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
-    if m.name not in MODEL_NAMES:
-        raise ConfigError(f"model.name={m.name!r} is unknown; use one of {', '.join(MODEL_NAMES)}")
+    if m.objective == "mae" and m.name not in MODEL_NAMES:
+        raise ConfigError(f"model.name={m.name!r} is not an MAE model; use one of {', '.join(MODEL_NAMES)}")
+    if m.objective != "mae":
+        _validate_mim(cfg)
     if not 0.0 < m.mask_ratio < 1.0:
         raise ConfigError(f"model.mask_ratio={m.mask_ratio} must be strictly between 0 and 1 (the paper: 0.75)")
     if m.init and not Path(m.init).exists():
@@ -318,6 +331,34 @@ def validate(cfg: PretrainConfig) -> None:
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"train.micro_batch_size={t.micro_batch_size}")
+
+
+def _validate_mim(cfg: PretrainConfig) -> None:
+    from mae_scale.models import VIT_ARCHS
+
+    m, d = cfg.model, cfg.data
+    if m.name not in VIT_ARCHS:
+        raise ConfigError(f"model.name={m.name!r} is not an encoder for objective {m.objective}; use one of "
+                          f"{', '.join(VIT_ARCHS)}")
+    patch = VIT_ARCHS[m.name].patch_size
+    if d.input_size % patch:
+        raise ConfigError(f"data.input_size={d.input_size} is not a multiple of the patch size {patch}")
+    if m.objective == "simmim" and (m.mask_patch_size % patch or d.input_size % m.mask_patch_size):
+        raise ConfigError(f"model.mask_patch_size={m.mask_patch_size} must be a multiple of the patch size {patch} "
+                          f"and divide data.input_size={d.input_size}")
+    if m.objective == "beit":
+        tokens = (d.input_size // patch) ** 2
+        if not 0 < m.num_masking_patches < tokens or not 0 < m.min_block_patches <= m.num_masking_patches:
+            raise ConfigError(f"model.num_masking_patches={m.num_masking_patches} must be in (0, {tokens}) and "
+                              f"model.min_block_patches={m.min_block_patches} in (0, num_masking_patches]")
+        if not m.tokenizer or not Path(m.tokenizer).is_file():
+            raise ConfigError(f"model.tokenizer={m.tokenizer!r} is not a file; make one with `mae-scale tokenizer fit "
+                              "SHARDS --vocab 8192 --out tok.safetensors` and point model.tokenizer at it")
+    if m.init:
+        raise ConfigError(f"model.init is supported for objective mae only (continued MAE pretraining); "
+                          f"remove it for objective {m.objective}")
+    if not 0.0 <= m.drop_path < 1.0 or m.layer_scale < 0:
+        raise ConfigError(f"model.drop_path={m.drop_path} must be in [0, 1) and model.layer_scale={m.layer_scale} >= 0")
 
 
 def check_batch_layout(cfg: PretrainConfig, world_size: int) -> int:

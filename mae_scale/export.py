@@ -31,7 +31,8 @@ from mae_scale.checkpoint import MARKER, _safe_globals, latest_checkpoint, read_
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2: one file with the (rank-0) module states
 # MAE's pretraining-only tensors: what `--with-decoder` keeps and the default drops.
-DECODER_PREFIXES = ("decoder_", "mask_token")
+# Not the encoder: MAE's decoder, the mask token, the SimMIM / BEiT-style heads.
+DECODER_PREFIXES = ("decoder_", "mask_token", "simmim_head.", "beit_head.")
 SINCOS_TABLES = ("pos_embed", "decoder_pos_embed")
 
 
@@ -189,7 +190,7 @@ def consolidate(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def encoder_only(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop MAE's decoder and mask token: what is left carries timm VisionTransformer names."""
+    """Drop the decoder / head and mask token: what is left carries timm VisionTransformer names."""
     return {k: v for k, v in state.items() if not k.startswith(DECODER_PREFIXES)}
 
 

@@ -43,7 +43,7 @@ def build_classifier(cfg: FinetuneConfig) -> torch.nn.Module:
     m, probe = cfg.model, cfg.mode == "linprobe"
     model = build_vit_classifier(m.arch, m.num_classes, img_size=cfg.data.input_size,
                                  drop_path_rate=0.0 if probe else m.drop_path, global_pool=m.global_pool,
-                                 linear_probe=probe)
+                                 linear_probe=probe, layer_scale=m.layer_scale)
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

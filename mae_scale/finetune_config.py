@@ -28,6 +28,8 @@ class ClassifierConfig:
         "avg", "avg: mean of the patch tokens then fc_norm (MAE fine-tuning); token: the cls token after "
         "the final norm (MAE linear probing).")
     grad_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
+    layer_scale: Optional[float] = doc(None, "Layer scale of the blocks (None: none); set it (0.1) for encoders "
+                                       "pretrained with simmim or beit, whose blocks carry layer-scale weights.")
 
 
 @dataclass

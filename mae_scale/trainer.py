@@ -29,7 +29,7 @@ from mae_scale.distributed import DistEnv, all_reduce_mean, barrier
 from mae_scale.models import build_mae
 from mae_scale.optim import build_optimizer, cosine_lr, deepspeed_config, schedule_summary, set_lr
 from mae_scale.tracking import Tracker, default_tracking_uri
-from mae_scale.visualize import normalize_on_device, reconstruction_grid, save_loss_curve
+from mae_scale.visualize import mim_grid, normalize_on_device, reconstruction_grid, save_loss_curve
 
 PICTURE_IMAGES = 4
 
@@ -113,6 +113,8 @@ class Pretrainer:
 
     def build_model(self) -> torch.nn.Module:
         cfg = self.cfg
+        if cfg.model.objective != "mae":
+            return self._build_mim()
         model = build_mae(cfg.model.name, img_size=cfg.data.input_size, norm_pix_loss=cfg.model.norm_pix_loss,
                           grad_checkpointing=cfg.model.grad_checkpointing)
         self.num_patches = model.patch_embed.num_patches
@@ -123,6 +125,41 @@ class Pretrainer:
             if self.env.is_main:
                 print(f"initialized from {cfg.model.init}: {report}", flush=True)
         return model
+
+    def _build_mim(self) -> torch.nn.Module:
+        """SimMIM or BEiT-style model on the same encoder (and, for beit, its tokenizer)."""
+        from mae_scale.models.mim import build_mim
+
+        m, size = self.cfg.model, self.cfg.data.input_size
+        vocab = None
+        self.tokenizer = None
+        if m.objective == "beit":
+            from mae_scale.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(m.tokenizer)
+            vocab = self.tokenizer.vocab_size
+        model = build_mim(m.name, m.objective, img_size=size, vocab_size=vocab, layer_scale=m.layer_scale,
+                          drop_path=m.drop_path, grad_checkpointing=m.grad_checkpointing)
+        if self.tokenizer is not None and self.tokenizer.patch_size != model.patch_size:
+            raise ValueError(f"the tokenizer {m.tokenizer} works on {self.tokenizer.patch_size}-px patches but "
+                             f"{m.name} has {model.patch_size}-px patches; fit one with --patch-size {model.patch_size}")
+        self.num_patches = model.patch_embed.num_patches
+        self.token_grid = tuple(model.patch_embed.grid_size)
+        return model
+
+    def mim_mask(self, step: int, micro: int, batch: int) -> torch.Tensor:
+        """SimMIM cell mask or BEiT block mask per image [B, L] bool, from (seed, step, rank, micro)."""
+        from mae_scale.masking import beit_block_mask, mask_batch, simmim_mask
+
+        m = self.cfg.model
+        rng = np.random.default_rng(derived_seed(self.cfg.train.seed, step, self.env.rank, micro, 0x313))
+        if m.objective == "simmim":
+            masks = [simmim_mask(rng, self.cfg.data.input_size, m.mask_patch_size, self.engine.module.patch_size,
+                                 m.mask_ratio) for _ in range(batch)]
+        else:
+            masks = [beit_block_mask(rng, self.token_grid, m.num_masking_patches, m.min_block_patches)
+                     for _ in range(batch)]
+        return mask_batch(masks).to(self.env.device)
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(model, self.cfg)
@@ -210,8 +247,15 @@ class Pretrainer:
         step_losses = []
         for i, batch in enumerate(micro_batches):
             imgs = normalize_on_device(batch["image"], self.env.device)
-            noise = self.mask_noise(self.global_step, i, imgs.shape[0])
-            loss, _, _ = self.engine(imgs, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
+            if self.cfg.model.objective == "mae":
+                noise = self.mask_noise(self.global_step, i, imgs.shape[0])
+                loss, _, _ = self.engine(imgs, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
+            else:
+                # drop path draws from torch's global generator: seeded per micro-batch for exact resume
+                torch.manual_seed(derived_seed(self.cfg.train.seed, self.global_step, self.env.rank, i, 0xD5))
+                mask = self.mim_mask(self.global_step, i, imgs.shape[0])
+                ids = self.tokenizer.encode(imgs) if self.tokenizer is not None else None
+                loss, _, _ = self.engine(imgs, mask, ids)
             if faults.armed("nan_loss", self.global_step):
                 loss = loss * float("nan")
             step_losses.append(loss.detach())
@@ -293,8 +337,12 @@ class Pretrainer:
         gathers parameters collectively); rank 0 writes and logs the picture."""
         self.picture_step = self.global_step  # the same on every rank: decides collective calls
         imgs = normalize_on_device(batch["image"][:PICTURE_IMAGES], self.env.device)
-        noise = self.mask_noise(0, 0, imgs.shape[0], generator_seed=self.cfg.train.seed)
-        grid = reconstruction_grid(self.engine.module, imgs, self.cfg.model.mask_ratio, noise)
+        if self.cfg.model.objective == "mae":
+            noise = self.mask_noise(0, 0, imgs.shape[0], generator_seed=self.cfg.train.seed)
+            grid = reconstruction_grid(self.engine.module, imgs, self.cfg.model.mask_ratio, noise)
+        else:
+            mask = self.mim_mask(0, 0, imgs.shape[0])
+            grid = mim_grid(self.engine.module, imgs, mask, self.tokenizer)
         if not self.env.is_main:
             return None
         out = self.run_dir / "reconstructions" / f"step_{self.global_step:08d}.png"

@@ -1,4 +1,5 @@
-"""Pictures people would rather look at than read: MAE reconstructions and the loss curve.
+"""Pictures people would rather look at than read: MAE (and SimMIM / BEiT) reconstructions and the
+loss curve.
 
 The reconstruction grid has one row per image and four columns, as in the MAE paper's figures:
 original | masked input | reconstruction | reconstruction with the visible patches pasted back.
@@ -66,6 +67,54 @@ def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float, noise: tor
     rows = [np.concatenate([panel[i] for panel in panels], axis=1) for i in range(panels[0].shape[0])]
     grid = np.concatenate(rows, axis=0)
     return Image.fromarray(grid)
+
+
+def _patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
+    n, c, h, w = imgs.shape
+    x = imgs.reshape(n, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
+
+
+def _unpatchify(x: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
+    n = x.shape[0]
+    x = x.reshape(n, h, w, p, p, 3)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(n, 3, h * p, w * p)
+
+
+@torch.no_grad()
+def mim_grid(model, imgs: torch.Tensor, mask: torch.Tensor, tokenizer=None) -> Image.Image:
+    """SimMIM / BEiT-style pictures, one row per image: original | masked input | prediction |
+    prediction pasted into the masked patches. SimMIM predicts pixels; a BEiT-style model predicts
+    token ids, shown as their codewords mapped back with each true patch's mean and std (the third
+    panel is then the tokenizer's own rendering of the target, the fourth the model's guesses)."""
+    imgs = imgs.float()
+    p = model.patch_size
+    h, w = model.patch_embed.grid_size
+    pix_mask = mask.reshape(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3).float()
+    was_training = model.training
+    model.eval()
+    try:
+        if model.objective == "simmim":
+            _, pred, _ = model(imgs, mask)
+            third = pred.float()
+        else:
+            target = tokenizer.encode(imgs)  # [B, h, w]
+            _, logits, _ = model(imgs, mask, target)  # logits on the masked positions only
+            guessed = target.reshape(target.shape[0], -1).clone()
+            guessed[mask] = logits.argmax(-1)
+            patches = _patchify(imgs, p)
+            mean, std = patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+
+            def render(ids: torch.Tensor) -> torch.Tensor:
+                return _unpatchify(tokenizer.decode_patches(ids) * std + mean, p, h, w)
+
+            third, pred = render(target.reshape(target.shape[0], -1)), render(guessed)
+    finally:
+        model.train(was_training)
+    panels = [imgs, imgs * (1 - pix_mask), third, imgs * (1 - pix_mask) + pred.float() * pix_mask]
+    panels = [_to_uint8(x) for x in panels]
+    rows = [np.concatenate([panel[i] for panel in panels], axis=1) for i in range(panels[0].shape[0])]
+    return Image.fromarray(np.concatenate(rows, axis=0))
 
 
 def save_loss_curve(metrics_file: Path, out_png: Path) -> bool:

@@ -188,3 +188,18 @@ def test_a_checkpoint_missing_a_rank_file_is_refused(tmp_path, pretrained):
     with pytest.raises(UserError, match="optim_states") as err:
         export_weights(copy, tmp_path / "x.safetensors")
     assert "\n" not in str(err.value) and not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("mae_name,timm_name", [("mae_vit_base_patch16", "vit_base_patch16_224"),
+                                                ("mae_vit_large_patch16", "vit_large_patch16_224"),
+                                                ("mae_vit_huge_patch14", "vit_huge_patch14_224")])
+def test_every_published_size_exports_timm_names_and_shapes(mae_name, timm_name):
+    """What `export` keeps of each MAE size is exactly timm's model of that name (keys and shapes)."""
+    import timm
+
+    from mae_scale.export import encoder_only
+
+    with torch.device("meta"):
+        ours = {k: tuple(v.shape) for k, v in encoder_only(build_mae(mae_name).state_dict()).items()}
+        theirs = {k: tuple(v.shape) for k, v in timm.create_model(timm_name, num_classes=0).state_dict().items()}
+    assert ours == theirs

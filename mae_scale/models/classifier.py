@@ -24,14 +24,16 @@ from .vit import VIT_ARCHS
 
 
 def build_vit_classifier(arch: str, num_classes: int, img_size: int = 224, drop_path_rate: float = 0.0,
-                         global_pool: str = "avg", linear_probe: bool = False) -> VisionTransformer:
+                         global_pool: str = "avg", linear_probe: bool = False,
+                         layer_scale: float | None = None) -> VisionTransformer:
     if arch not in VIT_ARCHS:
         raise ValueError(f"unknown ViT arch {arch!r}; expected one of: {', '.join(VIT_ARCHS)}")
     a = VIT_ARCHS[arch]
     model = VisionTransformer(
         img_size=img_size, patch_size=a.patch_size, embed_dim=a.embed_dim, depth=a.depth, num_heads=a.num_heads,
         mlp_ratio=a.mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6),
-        num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate)
+        num_classes=num_classes, global_pool=global_pool, drop_path_rate=drop_path_rate,
+        init_values=layer_scale or None)
     if linear_probe:
         trunc_normal_(model.head.weight, std=0.01)
         nn.init.zeros_(model.head.bias)
