@@ -11,27 +11,39 @@ import sys
 from pathlib import Path
 
 
+def _train(trainer):
+    """Run the loop; the two failures a user can act on end as one line (the result, or None)."""
+    from mae_scale.trainer import NonFiniteLossError
+
+    from data_pipeline import TooManyBadSamples
+
+    try:
+        return trainer.train()
+    except TooManyBadSamples as exc:
+        trainer.fail(f"{str(exc).splitlines()[0]} (raise data.max_bad_fraction to accept more); "
+                     f"the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) is untouched")
+    except NonFiniteLossError as exc:
+        trainer.fail(f"{exc}; the step was not applied and the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) "
+                     "is untouched: lower optim.blr or check the data, then run the same command to resume")
+    return None
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from mae_scale.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # refused here, before any process group or data
     from mae_scale.distributed import init_distributed
-    from mae_scale.trainer import NonFiniteLossError, Pretrainer
+    from mae_scale.trainer import Pretrainer
 
-    from data_pipeline import TooManyBadSamples
+    from mae_scale.weights import WeightsError
 
     env = init_distributed()
-    trainer = Pretrainer(cfg, env)
     try:
-        result = trainer.train()
-    except TooManyBadSamples as exc:
-        trainer.fail(f"{str(exc).splitlines()[0]} (raise data.max_bad_fraction to accept more); "
-                     f"the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) is untouched")
-        return 1
-    except NonFiniteLossError as exc:
-        last = trainer.ckpt.latest()
-        trainer.fail(f"{exc}; the step was not applied and the newest checkpoint ({last or 'none yet'}) is "
-                     "untouched: lower optim.blr or check the data, then run the same command to resume")
+        trainer = Pretrainer(cfg, env)  # model.init is read here
+    except WeightsError as exc:
+        raise UserError(str(exc)) from None
+    result = _train(trainer)
+    if result is None:
         return 1
     if env.is_main:
         print("\ndone:")
@@ -53,10 +65,7 @@ def _finetune(args: argparse.Namespace) -> int:
     cfg = load_finetune_config(args.config, args.overrides, mode=args.verb)  # refused before any work
     from mae_scale.distributed import init_distributed
     from mae_scale.finetune import Finetuner, evaluate_only
-    from mae_scale.trainer import NonFiniteLossError
     from mae_scale.weights import WeightsError
-
-    from data_pipeline import TooManyBadSamples
 
     try:
         env = init_distributed()
@@ -70,15 +79,8 @@ def _finetune(args: argparse.Namespace) -> int:
         trainer = Finetuner(cfg, env)
     except WeightsError as exc:
         raise UserError(str(exc)) from None
-    try:
-        result = trainer.train()
-    except TooManyBadSamples as exc:
-        trainer.fail(f"{str(exc).splitlines()[0]} (raise data.max_bad_fraction to accept more); "
-                     f"the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) is untouched")
-        return 1
-    except NonFiniteLossError as exc:
-        trainer.fail(f"{exc}; the step was not applied and the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) "
-                     "is untouched: lower optim.blr or check the data, then run the same command to resume")
+    result = _train(trainer)
+    if result is None:
         return 1
     if env.is_main:
         print("\ndone:")

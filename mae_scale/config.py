@@ -283,7 +283,7 @@ def validate(cfg: PretrainConfig) -> None:
     """Checks that need no world size. `check_batch_layout` runs once the world size is known."""
     from mae_scale.models import MODEL_NAMES
 
-    m, d, o, t, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
+    m, d = cfg.model, cfg.data
     if m.objective == "mae" and m.name not in MODEL_NAMES:
         raise ConfigError(f"model.name={m.name!r} is not an MAE model; use one of {', '.join(MODEL_NAMES)}")
     if m.objective != "mae":
@@ -295,11 +295,24 @@ def validate(cfg: PretrainConfig) -> None:
     if not shards_exist(d.train_shards):
         raise ConfigError(f"data.train_shards={d.train_shards!r} does not exist; point it at shards written by "
                           "`mae-scale make-shards`, or use `builtin`")
+    if not 0.0 < d.crop_scale_min <= 1.0:
+        raise ConfigError(f"data.crop_scale_min={d.crop_scale_min} must be in (0, 1]")
+    if d.decode_device not in ("cpu", "cpu-batched") and not d.decode_device.startswith("cuda"):
+        raise ConfigError(f"data.decode_device={d.decode_device!r} is not allowed; use cpu, cpu-batched or cuda")
+    if d.epoch_samples is not None and (not d.resampled or d.epoch_samples <= 0):
+        raise ConfigError(f"data.epoch_samples={d.epoch_samples} needs data.resampled=true and a positive count")
+    validate_training(cfg)
+
+
+def validate_training(cfg: Any, positive: dict | None = None, non_negative: dict | None = None) -> None:
+    """The checks every run shares (pretraining, fine-tuning, probing): batch sizes, schedule, optimizer
+    numbers, checkpoints, workers; `positive` / `non_negative` add the caller's own fields."""
+    d, o, t, c = cfg.data, cfg.optim, cfg.train, cfg.checkpoint
     positive = {
         "data.input_size": d.input_size, "train.global_batch_size": t.global_batch_size,
         "train.micro_batch_size": t.micro_batch_size, "train.epochs": t.epochs,
         "train.log_every_steps": t.log_every_steps, "checkpoint.every_steps": c.every_steps,
-        "checkpoint.keep_last": c.keep_last,
+        "checkpoint.keep_last": c.keep_last, **(positive or {}),
     }
     for key, value in positive.items():
         if value <= 0:
@@ -309,19 +322,15 @@ def validate(cfg: PretrainConfig) -> None:
             raise ConfigError(f"{key}={value} must be a positive integer or null")
     if d.num_workers < 0:
         raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
-    if not 0.0 < d.crop_scale_min <= 1.0:
-        raise ConfigError(f"data.crop_scale_min={d.crop_scale_min} must be in (0, 1]")
-    if d.decode_device not in ("cpu", "cpu-batched") and not d.decode_device.startswith("cuda"):
-        raise ConfigError(f"data.decode_device={d.decode_device!r} is not allowed; use cpu, cpu-batched or cuda")
-    if d.epoch_samples is not None and (not d.resampled or d.epoch_samples <= 0):
-        raise ConfigError(f"data.epoch_samples={d.epoch_samples} needs data.resampled=true and a positive count")
     if not 0.0 <= d.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
     if not 0 <= t.warmup_epochs <= t.epochs:
         raise ConfigError(f"train.warmup_epochs={t.warmup_epochs} must be between 0 and train.epochs={t.epochs}")
     if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
         raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-    for key, value in {"optim.blr": o.blr, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay}.items():
+    non_negative = {"optim.blr": o.blr, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
+                    **(non_negative or {})}
+    for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key}={value} must be >= 0")
     if o.lr is not None and o.lr <= 0:

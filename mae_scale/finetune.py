@@ -21,14 +21,13 @@ import random
 import numpy as np
 import torch
 
-from mae_scale import faults
-from mae_scale.distributed import DistEnv, all_reduce_mean, broadcast_object
+from mae_scale.distributed import DistEnv, broadcast_object
 from mae_scale.evaluate import evaluate, sync_buffers
 from mae_scale.finetune_config import FinetuneConfig
-from mae_scale.lars import LARS
+from mae_scale.lars import LARS, lars_param_groups
 from mae_scale.models import build_vit_classifier
 from mae_scale.optim import param_groups_lrd
-from mae_scale.trainer import NonFiniteLossError, Pretrainer, derived_seed
+from mae_scale.trainer import Pretrainer, derived_seed
 from mae_scale.visualize import normalize_on_device
 
 
@@ -82,15 +81,15 @@ class Finetuner(Pretrainer):
 
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        if self.probe:  # the head only, plain groups (MAE probes with LARS, no weight decay)
+        if o.name == "lars":  # one group per parameter: DeepSpeed hides the shapes LARS needs
+            return LARS(lars_param_groups(model, o.weight_decay), lr=0.0, momentum=o.momentum)
+        if self.probe:  # the head only
             groups = [{"params": [p for p in model.parameters() if p.requires_grad],
                        "weight_decay": o.weight_decay, "lr_scale": 1.0}]
         else:
             groups = param_groups_lrd(model, o.weight_decay, o.layer_decay)
             for group in groups:
                 group.pop("param_names")  # for inspection only; the engine gets plain groups
-        if o.name == "lars":
-            return LARS(groups, lr=0.0, momentum=o.momentum)
         if o.name == "sgd":
             return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum)
         fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
@@ -122,33 +121,22 @@ class Finetuner(Pretrainer):
 
     # -- the step --------------------------------------------------------------------------------
 
-    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
-        step_losses = []
+    def micro_loss(self, micro: int, batch: dict) -> torch.Tensor:
+        seed_everything(derived_seed(self.cfg.train.seed, self.global_step, self.env.rank, micro, 0xF17E))
         num_classes = self.cfg.model.num_classes
-        for i, batch in enumerate(micro_batches):
-            seed_everything(derived_seed(self.cfg.train.seed, self.global_step, self.env.rank, i, 0xF17E))
-            labels = batch["label"].to(self.env.device)
-            if (labels < 0).any() or (labels >= num_classes).any():
-                raise ValueError(f"training labels must be in [0, {num_classes}); got {labels.min().item()}.."
-                                 f"{labels.max().item()}: use labelled shards (.cls) and set model.num_classes")
-            imgs = normalize_on_device(batch["image"], self.env.device)
-            if self.eraser is not None:
-                imgs = self.eraser(imgs)
-            targets = labels
-            if self.mixup is not None:
-                imgs, targets = self.mixup(imgs, labels)
-            logits = self.engine(imgs.to(self.param_dtype))
-            loss = self.criterion(logits.float(), targets)
-            if faults.armed("nan_loss", self.global_step):
-                loss = loss * float("nan")
-            step_losses.append(loss.detach())
-            self.engine.backward(loss)
-            if i == len(micro_batches) - 1:
-                mean_loss = all_reduce_mean(torch.stack(step_losses).mean())
-                if not torch.isfinite(mean_loss):
-                    raise NonFiniteLossError(f"loss became {mean_loss.item()} at step {self.global_step}")
-            self.engine.step()
-        return mean_loss
+        labels = batch["label"]  # checked on the host copy: no device sync
+        if (labels < 0).any() or (labels >= num_classes).any():
+            raise ValueError(f"training labels must be in [0, {num_classes}); got {labels.min().item()}.."
+                             f"{labels.max().item()}: use labelled shards (.cls) and set model.num_classes")
+        labels = labels.to(self.env.device)
+        imgs = normalize_on_device(batch["image"], self.env.device)
+        if self.eraser is not None:
+            imgs = self.eraser(imgs)
+        targets = labels
+        if self.mixup is not None:
+            imgs, targets = self.mixup(imgs, labels)
+        logits = self.engine(imgs.to(self.param_dtype))
+        return self.criterion(logits.float(), targets)
 
     # -- evaluation ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from mae_scale.config import (CheckpointConfig, ConfigError, TrackingConfig, TrainConfig, doc, load_config, read_preset,
-                              shards_exist)
+                              shards_exist, validate_training)
 
 
 @dataclass
@@ -91,7 +91,7 @@ class FinetuneConfig:
 def validate_finetune(cfg: FinetuneConfig) -> None:
     from mae_scale.models import VIT_ARCHS
 
-    m, d, o, t, c = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.checkpoint
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
     if m.arch not in VIT_ARCHS:
         raise ConfigError(f"model.arch={m.arch!r} is unknown; use one of {', '.join(VIT_ARCHS)}")
     if m.init and not Path(m.init).exists():
@@ -105,19 +105,6 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         if spec == "builtin" or not shards_exist(spec):
             raise ConfigError(f"data.{key}={spec!r} does not exist; point it at labelled shards written by "
                               "`mae-scale make-shards` or `mae-scale data fashion-mnist`")
-    positive = {
-        "model.num_classes": m.num_classes, "data.input_size": d.input_size,
-        "data.eval_batch_size": d.eval_batch_size, "train.global_batch_size": t.global_batch_size,
-        "train.micro_batch_size": t.micro_batch_size, "train.epochs": t.epochs,
-        "train.eval_every_epochs": t.eval_every_epochs, "train.log_every_steps": t.log_every_steps,
-        "checkpoint.every_steps": c.every_steps, "checkpoint.keep_last": c.keep_last,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be a positive integer")
-    for key, value in {"train.max_steps": t.max_steps, "train.grad_accum_steps": t.grad_accum_steps}.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}={value} must be a positive integer or null")
     shares = {"model.drop_path": m.drop_path, "data.reprob": d.reprob, "data.smoothing": d.smoothing}
     for key, value in shares.items():
         if not 0.0 <= value < 1.0:
@@ -130,27 +117,11 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if (d.mixup > 0 or d.cutmix > 0) and t.micro_batch_size % 2:
         raise ConfigError(f"train.micro_batch_size={t.micro_batch_size} must be even with mixup/cutmix on "
                           "(timm's Mixup pairs each image with the batch flipped)")
-    if d.num_workers < 0:
-        raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
-    if not 0.0 <= d.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
-    if not 0 <= t.warmup_epochs <= t.epochs:
-        raise ConfigError(f"train.warmup_epochs={t.warmup_epochs} must be between 0 and train.epochs={t.epochs}")
     if not 0.0 < o.layer_decay <= 1.0:
         raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1.0 turns it off)")
-    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
-        raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.999]")
-    for key, value in {"optim.blr": o.blr, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
-                       "optim.momentum": o.momentum}.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
-    if o.lr is not None and o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} must be positive or null")
-    if o.clip_grad is not None and o.clip_grad <= 0:
-        raise ConfigError(f"optim.clip_grad={o.clip_grad} must be positive or null")
-    if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size={t.micro_batch_size}")
+    validate_training(cfg, positive={"model.num_classes": m.num_classes, "data.eval_batch_size": d.eval_batch_size,
+                                     "train.eval_every_epochs": t.eval_every_epochs},
+                      non_negative={"optim.momentum": o.momentum})
     if cfg.mode == "linprobe" and o.name == "adamw" and o.layer_decay != 1.0:
         raise ConfigError("linear probing trains only the head: set optim.layer_decay=1.0 (or use optim.name=lars)")
 

@@ -242,20 +242,28 @@ class Pretrainer:
         gen = torch.Generator(device=self.env.device).manual_seed(seed)
         return torch.rand(batch, self.num_patches, generator=gen, device=self.env.device)
 
+    def micro_loss(self, micro: int, batch: dict) -> torch.Tensor:
+        """The objective's loss on one micro-batch (forward only)."""
+        imgs = normalize_on_device(batch["image"], self.env.device)
+        if self.cfg.model.objective == "mae":
+            noise = self.mask_noise(self.global_step, micro, imgs.shape[0])
+            loss, _, _ = self.engine(imgs, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
+            return loss
+        # drop path draws from torch's global generator: seeded per micro-batch for exact resume
+        torch.manual_seed(derived_seed(self.cfg.train.seed, self.global_step, self.env.rank, micro, 0xD5))
+        mask = self.mim_mask(self.global_step, micro, imgs.shape[0])
+        ids = self.tokenizer.encode(imgs) if self.tokenizer is not None else None
+        loss, _, extras = self.engine(imgs, mask, ids)
+        if "masked_acc" in extras:  # BEiT-style: share of masked tokens whose id is guessed
+            self.step_extras.setdefault("masked_acc", []).append(extras["masked_acc"])
+        return loss
+
     def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
         """One optimizer step over `accum` micro-batches; returns the step's mean loss (all ranks)."""
         step_losses = []
+        self.step_extras: dict[str, list[torch.Tensor]] = {}
         for i, batch in enumerate(micro_batches):
-            imgs = normalize_on_device(batch["image"], self.env.device)
-            if self.cfg.model.objective == "mae":
-                noise = self.mask_noise(self.global_step, i, imgs.shape[0])
-                loss, _, _ = self.engine(imgs, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
-            else:
-                # drop path draws from torch's global generator: seeded per micro-batch for exact resume
-                torch.manual_seed(derived_seed(self.cfg.train.seed, self.global_step, self.env.rank, i, 0xD5))
-                mask = self.mim_mask(self.global_step, i, imgs.shape[0])
-                ids = self.tokenizer.encode(imgs) if self.tokenizer is not None else None
-                loss, _, _ = self.engine(imgs, mask, ids)
+            loss = self.micro_loss(i, batch)
             if faults.armed("nan_loss", self.global_step):
                 loss = loss * float("nan")
             step_losses.append(loss.detach())
@@ -327,7 +335,8 @@ class Pretrainer:
               flush=True)
         row = {"step": self.global_step, "epoch": self.epoch, "loss": loss_value, "lr": lr,
                "images_per_s": images_per_s, "step_time_s": step_time, "bad_samples": sum(bad.values()),
-               **{f"bad_samples_{kind}": n for kind, n in bad.items()}}
+               **{f"bad_samples_{kind}": n for kind, n in bad.items()},
+               **{k: torch.stack(v).float().mean().item() for k, v in getattr(self, "step_extras", {}).items()}}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=self.global_step)

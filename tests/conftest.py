@@ -5,6 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread in every in-process test (subprocess runs get OMP_NUM_THREADS=1): on a
+    busy shared CPU, OpenMP threads spinning against other jobs made a 3-step tiny run take 20 s
+    instead of 0.1 s, and bitwise comparisons depend on the thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

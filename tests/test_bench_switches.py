@@ -4,22 +4,11 @@ same losses on the same weights, images and masks, up to rounding."""
 
 import argparse
 
-import pytest
 import torch
 
 from mae_scale.bench import Variant, add_bench_step_arguments, build_train_step, variants_from_args
 
 MODEL = "mae_vit_tiny_patch16"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy shared CPU, OpenMP threads spinning against other jobs made a
-    3-step tiny run take 20 s instead of 0.1 s. Restored afterwards for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _losses(variant: Variant, steps: int = 3) -> list[float]:

@@ -86,3 +86,23 @@ def test_lars_scales_matrices_by_trust_ratio_and_leaves_biases_plain():
     # ||w|| = 6, ||g|| = 8: the update is g x 0.001 x 6 / 8
     assert torch.allclose(w.detach(), torch.full((2, 2), 3.0 - 4.0 * 0.001 * 6 / 8))
     assert torch.allclose(b.detach(), -torch.ones(2))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [1, 2])
+def test_lars_under_zero_at_world2_matches_plain_lars(stage, tmp_path):
+    """DeepSpeed gives LARS flat partitions of its groups; the trust ratios must still be the
+    whole matrices' (and differ from plain SGD, or the test would prove nothing)."""
+    import json
+    import subprocess
+    import sys
+
+    from run_helpers import ROOT, run_env
+
+    out = tmp_path / "result.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests/lars_zero_check.py"), str(stage), str(out)],
+                          capture_output=True, text=True, timeout=300, env=run_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["max_diff_lars"] < 1e-6 and result["max_diff_sgd"] > 1e-3, result

@@ -14,16 +14,6 @@ from mae_scale.plan import (activation_bytes_estimate, add_plan_parser, mae_shap
 HUGE = "configs/pretrain/mae_vit_huge_patch14_800ep.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a busy shared CPU, OpenMP threads spinning against other jobs made a
-    3-step tiny run take 20 s instead of 0.1 s. Restored afterwards for the rest of the session."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _cfg(path=HUGE, *overrides):
     return load_config(path, [*overrides, "data.train_shards=builtin"])
 

@@ -1,0 +1,62 @@
+"""Fine-tuning / probing configs: every preset loads and holds the paper's numbers; bad values are
+refused with one line naming the key, before any work."""
+
+from pathlib import Path
+
+import pytest
+
+from mae_scale.config import ConfigError
+from mae_scale.finetune_config import load_finetune_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def shards(small_shards):
+    return [f"data.train_shards={small_shards}", f"data.val_shards={small_shards}"]
+
+
+@pytest.mark.parametrize("preset,mode,expected", [
+    ("finetune/vit_base_patch16_100ep.yaml", "finetune",
+     {"arch": "vit_base_patch16", "epochs": 100, "blr": 5e-4, "layer_decay": 0.65, "drop_path": 0.1}),
+    ("finetune/vit_large_patch16_50ep.yaml", "finetune",
+     {"arch": "vit_large_patch16", "epochs": 50, "blr": 1e-3, "layer_decay": 0.75, "drop_path": 0.2}),
+    ("finetune/vit_huge_patch14_50ep.yaml", "finetune",
+     {"arch": "vit_huge_patch14", "epochs": 50, "blr": 1e-3, "layer_decay": 0.75, "drop_path": 0.3}),
+    ("linprobe/vit_huge_patch14_90ep.yaml", "linprobe",
+     {"arch": "vit_huge_patch14", "epochs": 90, "blr": 0.1, "layer_decay": 1.0, "drop_path": 0.0}),
+])
+def test_presets_hold_the_recipe(preset, mode, expected, shards):
+    cfg = load_finetune_config(ROOT / "configs" / preset, shards, mode=mode)
+    got = {"arch": cfg.model.arch, "epochs": cfg.train.epochs, "blr": cfg.optim.blr,
+           "layer_decay": cfg.optim.layer_decay, "drop_path": cfg.model.drop_path}
+    assert got == expected
+    if mode == "finetune":
+        assert cfg.train.global_batch_size == 1024 and cfg.train.warmup_epochs == 5 and cfg.optim.min_lr == 1e-6
+        assert (cfg.data.mixup, cfg.data.cutmix, cfg.data.smoothing, cfg.data.reprob) == (0.8, 1.0, 0.1, 0.25)
+        assert cfg.data.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.model.global_pool == "avg"
+        assert cfg.optim.betas == [0.9, 0.999] and cfg.optim.weight_decay == 0.05
+    else:
+        assert cfg.train.global_batch_size == 16384 and cfg.optim.name == "lars" and cfg.optim.weight_decay == 0
+        assert cfg.model.global_pool == "token" and cfg.train.warmup_epochs == 10
+
+
+@pytest.mark.parametrize("override,named", [
+    ("optim.layer_decay=1.5", "optim.layer_decay"),
+    ("train.micro_batch_size=31", "train.micro_batch_size"),  # odd with mixup on
+    ("model.arch=vit_gigantic", "model.arch"),
+    ("data.reprob=1.0", "data.reprob"),
+    ("model.num_classes=0", "model.num_classes"),
+    ("optim.nesterov=true", "optim.nesterov"),
+])
+def test_bad_values_are_refused_naming_the_key(override, named, shards):
+    with pytest.raises(ConfigError, match=named) as err:
+        load_finetune_config(ROOT / "configs/finetune/vit_base_patch16_100ep.yaml", [*shards, override],
+                             mode="finetune")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_val_shards_say_how_to_make_them(small_shards):
+    with pytest.raises(ConfigError, match="mae-scale data fashion-mnist"):
+        load_finetune_config(ROOT / "configs/finetune/vit_base_patch16_100ep.yaml",
+                             [f"data.train_shards={small_shards}"], mode="finetune")
