@@ -62,7 +62,7 @@ def _finetune(args: argparse.Namespace) -> int:
     """`finetune` and `linprobe` (the verb is the mode); `--eval-only` evaluates `model.init`."""
     from mae_scale.finetune_config import load_finetune_config
 
-    cfg = load_finetune_config(args.config, args.overrides, mode=args.verb)  # refused before any work
+    cfg = load_finetune_config(args.config, args.overrides, mode=args.verb, eval_only=args.eval_only)
     from mae_scale.distributed import init_distributed
     from mae_scale.finetune import Finetuner, evaluate_only
     from mae_scale.weights import WeightsError

@@ -31,13 +31,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def select_accelerator() -> None:
+    """DeepSpeed's accelerator, chosen before it is imported: the CPU where there is no GPU (else it
+    guesses, warns, and a CPU-only run may pick up a half-working CUDA build)."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def prepare_env() -> None:
     """Fill in what a single plain `python` process lacks, and pick DeepSpeed's accelerator.
 
     Must run before deepspeed is imported: DeepSpeed picks its accelerator at import time.
     """
-    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
+    select_accelerator()
     if "RANK" not in os.environ:  # plain python: a world of one
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

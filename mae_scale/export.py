@@ -94,6 +94,9 @@ def _torch_load_weights_only() -> Iterator[None]:
 
 def _zero_partitioned_fp32(ckpt: Path) -> dict[str, torch.Tensor]:
     """ZeRO-1/2/3 at any world size: DeepSpeed's merge of every rank's fp32 partitions, loaded safely."""
+    from mae_scale.distributed import select_accelerator
+
+    select_accelerator()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     chatter = io.StringIO()  # zero_to_fp32 prints progress; the CLI prints one line of its own

@@ -221,6 +221,13 @@ def evaluate_only(cfg: FinetuneConfig, env: DistEnv) -> dict:
     torch.manual_seed(cfg.train.seed)
     model = build_classifier(cfg)
     report = load_classifier_init(model, cfg)
+    untrained = [k for k in report.missing if not k.endswith("num_batches_tracked")]  # torch fills that one
+    if untrained:  # a pretraining checkpoint, or a head for another class count: nothing to evaluate
+        from mae_scale.weights import WeightsError
+
+        raise WeightsError(f"{cfg.model.init} has no trained {untrained[0]} for this model "
+                           f"({cfg.model.num_classes} classes, global_pool={cfg.model.global_pool}); --eval-only "
+                           "needs a fine-tuned or probed model: fine-tune it first, or fix model.num_classes")
     model.to(env.device)
     d = cfg.data
     result = evaluate(model, d.val_shards, env, input_size=d.input_size, crop_pct=d.eval_crop_pct,

@@ -88,7 +88,7 @@ class FinetuneConfig:
     deepspeed: dict = doc({}, "Raw DeepSpeed config merged on top of the generated one (expert use).")
 
 
-def validate_finetune(cfg: FinetuneConfig) -> None:
+def validate_finetune(cfg: FinetuneConfig, eval_only: bool = False) -> None:
     from mae_scale.models import VIT_ARCHS
 
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
@@ -97,7 +97,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
     if m.init and not Path(m.init).exists():
         raise ConfigError(f"model.init={m.init!r} does not exist; point it at a pretraining run directory, "
                           "an exported .safetensors or a published MAE .pth (or leave it empty for random init)")
-    for key in ("train_shards", "val_shards"):
+    for key in ("val_shards",) if eval_only else ("train_shards", "val_shards"):
         spec = getattr(d, key)
         if not spec:
             raise ConfigError(f"data.{key} is empty; point it at labelled shards, e.g. from "
@@ -126,7 +126,7 @@ def validate_finetune(cfg: FinetuneConfig) -> None:
         raise ConfigError("linear probing trains only the head: set optim.layer_decay=1.0 (or use optim.name=lars)")
 
 
-def load_finetune_config(path, overrides=(), mode: Optional[str] = None) -> FinetuneConfig:
+def load_finetune_config(path, overrides=(), mode: Optional[str] = None, eval_only: bool = False) -> FinetuneConfig:
     """Preset + overrides (+ the verb's mode) -> a validated FinetuneConfig (raises ConfigError)."""
     overrides = list(overrides)
     if mode is not None:
@@ -135,4 +135,4 @@ def load_finetune_config(path, overrides=(), mode: Optional[str] = None) -> Fine
             raise ConfigError(f"{path} is a {preset_mode} preset; run `mae-scale {preset_mode}` with it, "
                               f"or pick a preset from configs/{mode}/")
         overrides.append(f"mode={mode}")
-    return load_config(path, overrides, cls=FinetuneConfig, check=validate_finetune)
+    return load_config(path, overrides, cls=FinetuneConfig, check=lambda cfg: validate_finetune(cfg, eval_only))

@@ -265,7 +265,16 @@ def run_plan(args: argparse.Namespace) -> int:
 
     # Planning happens on a login node or laptop where the shards are not mounted: the data path is
     # the one thing validation may not insist on here (the plan never reads data).
+    from mae_scale.config import ConfigError
+
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
+                        ("--micro-batch", args.micro_batch), ("--gpu-memory-gib", args.gpu_memory_gib)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} {value} must be positive")
     cfg = load_config(args.config, [*args.overrides, "data.train_shards=builtin"])
+    if cfg.model.objective != "mae":
+        raise ConfigError(f"plan models MAE's shapes (encoder on visible patches only); {args.config} is a "
+                          f"{cfg.model.objective} preset, whose encoder sees every token: not covered yet")
     result = plan_memory(cfg, args.nodes, args.gpus_per_node, args.micro_batch, args.gpu_memory_gib)
     print(format_plan(result))
     return 0

@@ -317,6 +317,18 @@ def fit_tokenizer(
 
 # ---------------------------------------------------------------------- CLI
 def _fit_command(args: argparse.Namespace) -> int:
+    from mae_scale.cli import UserError
+
+    if args.vocab < 2 or args.patch_size < 1 or args.input_size % args.patch_size:
+        raise UserError(f"--vocab {args.vocab} must be >= 2 and --input-size {args.input_size} a multiple of "
+                        f"--patch-size {args.patch_size}")
+    try:
+        from data_pipeline import resolve_shards
+
+        resolve_shards(args.shards)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{args.shards}: {str(exc).splitlines()[0]}; point it at shards written by "
+                        "`mae-scale make-shards`") from None
     summary = fit_tokenizer(args.shards, args.vocab, args.out, patch_size=args.patch_size, input_size=args.input_size,
                             batch_size=args.batch_size, max_images=args.max_images, epochs=args.epochs,
                             seed=args.seed, num_workers=args.workers, progress=True)

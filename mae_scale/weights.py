@@ -31,6 +31,8 @@ KINDS = ("finetune", "linprobe", "pretrain")
 NEW_IN_CLASSIFIER = ("head.", "fc_norm.")
 NEW_IN_PRETRAIN = ("decoder_", "mask_token")  # the decoder is optional in a continued-pretraining source
 STATE_DICT_KEYS = ("model", "state_dict", "module")  # where checkpoints nest their weights
+# Encoder weights: a file key under these that the model cannot take is an error, never dropped quietly.
+ENCODER_PREFIXES = ("blocks.", "patch_embed.", "cls_token", "pos_embed")
 
 
 class WeightsError(ValueError):
@@ -188,6 +190,12 @@ def adapt_to_model(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, 
                                "that matches it, or pick weights made for this one")
         to_load[key] = have
     report.dropped = [k for k in state_dict if k not in to_load and k not in report.kept_from_model]
+    lost = [k for k in report.dropped if k.startswith(ENCODER_PREFIXES)]
+    if lost:
+        hint = ("the file's blocks carry layer-scale weights (SimMIM / BEiT-style encoders): set "
+                "model.layer_scale=0.1" if any(".ls1." in k or ".ls2." in k for k in lost)
+                else "the model has no place for them: build the model that matches the file")
+        raise WeightsError(f"{lost[0]} (and {len(lost) - 1} more encoder weights) would be left out; {hint}")
     return to_load, report
 
 

@@ -157,3 +157,12 @@ def test_refusals_are_one_line_and_before_any_work(digits_shards, small_shards, 
     proc = mae_scale("finetune", FT, tiny(digits_shards, tmp_path / "c", **{"model.init": other}), check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error:") and "cls_token" in last and "(1, 1, 192)" in last, last
+
+
+def test_eval_only_refuses_a_model_without_a_trained_head(digits_shards, pretrained, tmp_path):
+    proc = mae_scale("finetune", FT, [f"model.init={pretrained}", f"output_dir={tmp_path / 'ev'}",
+                                      f"data.val_shards={digits_shards / 'val/manifest.json'}",
+                                      "data.input_size=8", "data.num_workers=0", "tracking.enabled=false"],
+                     check=False, extra_args=("--eval-only",))  # no data.train_shards needed to evaluate
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "no trained fc_norm.weight" in last, proc.stderr[-2000:]

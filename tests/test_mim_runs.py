@@ -111,6 +111,11 @@ def test_export_and_finetune_accept_the_encoder(mim_run, digits_shards, tmp_path
 
     report = load_init(build_vit_classifier("vit_tiny_patch4", 10, img_size=16, layer_scale=0.1), run, kind="finetune")
     assert sorted(report.missing) == ["fc_norm.bias", "fc_norm.weight", "head.bias", "head.weight"]
+    # without layer scale the model has no place for the blocks' ls*.gamma: refused, not dropped
+    from mae_scale.weights import WeightsError
+
+    with pytest.raises(WeightsError, match="model.layer_scale=0.1"):
+        load_init(build_vit_classifier("vit_tiny_patch4", 10, img_size=16), run, kind="linprobe")
 
 
 def test_beit_without_a_tokenizer_is_refused_before_any_work(digits_shards, tmp_path):
