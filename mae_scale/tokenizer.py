@@ -2,7 +2,8 @@
 
 BEiT (https://arxiv.org/abs/2106.08254) predicts, for each masked patch, the id that a tokenizer
 gives the same crop. BEiT uses the DALL-E dVAE encoder (BEiT-v2 a VQ-KD encoder); no such weights
-can be downloaded here, so this module fits its own tokenizer instead:
+can be downloaded here, so this module fits its own tokenizer (and loads a DALL-E encoder state
+dict you bring, see below and :mod:`mae_scale.tokenizer_dalle`):
 
 **PatchKMeansTokenizer** - NOT the DALL-E tokenizer, and no claim of equal quality: a codebook of
 ``vocab`` vectors learned by mini-batch k-means (Sculley 2010, "Web-scale k-means clustering") over
@@ -25,10 +26,15 @@ vectorised step per batch). A codeword that took no patch while ``8 * vocab`` pa
 average one would have taken 8) is dead and is re-seeded from a random patch of the current batch.
 
 Files: safetensors only (``codebook`` + metadata: format, version, patch_size, vocab,
-normalisation). :func:`load_tokenizer` loads those and refuses everything else with one line:
-URLs (local files only), pickles and ``torch.save`` files (DALL-E's ``encoder.pkl`` is a pickled
-module and unpickling runs code: convert it to a state dict first), and safetensors files that are
-not ours (DALL-E dVAE and BEiT-v2 VQ-KD encoders are not implemented).
+normalisation).
+
+:func:`load_tokenizer` also loads the **DALL-E dVAE encoder** (BEiT v1's tokenizer,
+:mod:`mae_scale.tokenizer_dalle`) from a local *state dict*: a safetensors file, or a ``.pth``
+that ``torch.load(weights_only=True)`` reads (a dict of tensors, never arbitrary objects), whose
+keys are the official encoder's (``blocks.input.w``, ...). It refuses everything else with one
+line: URLs (local files only), missing files, pickled modules such as DALL-E's ``encoder.pkl``
+(unpickling runs code; convert it to a state dict first, see :mod:`mae_scale.tokenizer_dalle`),
+other pickles, and other safetensors files (BEiT-v2 VQ-KD encoders are not implemented).
 """
 
 from __future__ import annotations
@@ -127,12 +133,51 @@ class PatchKMeansTokenizer:
         return load_tokenizer(path)
 
 
-def load_tokenizer(path: PathLike) -> PatchKMeansTokenizer:
-    """A tokenizer from a local safetensors file written by :meth:`PatchKMeansTokenizer.save`.
+CONVERT_HINT = ("convert it to a state dict first, in your own trusted environment with the dall_e package: "
+                "import torch, safetensors.torch; enc = torch.load('encoder.pkl', map_location='cpu', "
+                "weights_only=False); safetensors.torch.save_file(enc.state_dict(), 'dalle_encoder.safetensors')")
 
-    Supported: our patch k-means tokenizer only. Refused with a one-line ValueError: URLs, missing
-    files, pickles / ``torch.save`` files (never unpickled: that runs code), other safetensors
-    files (DALL-E dVAE, BEiT-v2 VQ-KD encoders are not implemented).
+
+def _torch_state_dict(text: str) -> Dict[str, torch.Tensor]:
+    """A torch.save file read with weights_only=True (the restricted unpickler: no code runs)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # e.g. "pickle protocol 4" notes on a foreign pickle
+            warnings.simplefilter("ignore")
+            obj = torch.load(text, map_location="cpu", weights_only=True)
+    except Exception:
+        obj = None
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                       for k, v in obj.items()):
+        raise ValueError(f"refusing {text}: not a state dict of tensors readable with torch.load(weights_only="
+                         "True) (a pickled module like DALL-E's encoder.pkl runs code when loaded); "
+                         + CONVERT_HINT)
+    return obj
+
+
+def _dalle_tokenizer(sd: Dict[str, torch.Tensor], text: str):
+    from mae_scale.tokenizer_dalle import DallEEncoder, DallETokenizer, check_state_dict
+
+    try:
+        cfg = DallEEncoder.config_from_state_dict(sd)
+        encoder = DallEEncoder(**cfg)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{text}: not a DALL-E encoder state dict: {str(exc).splitlines()[0]}") from None
+    check_state_dict(encoder, sd, text)
+    encoder.load_state_dict(sd, strict=True)
+    return DallETokenizer(encoder)
+
+
+def load_tokenizer(path: PathLike) -> Tokenizer:
+    """A tokenizer from a local file: ours (:meth:`PatchKMeansTokenizer.save`) or a DALL-E encoder.
+
+    Supported: our patch k-means safetensors; a DALL-E dVAE encoder state dict (key
+    ``blocks.input.w`` present) as safetensors or as a ``.pth`` read with
+    ``torch.load(weights_only=True)``, loaded strictly (hyper-parameters read off the shapes; a
+    missing, unexpected or wrongly shaped key is a one-line ValueError naming it). Refused with a
+    one-line ValueError: URLs, missing files, pickled modules (DALL-E's ``encoder.pkl``: never
+    unpickled, the message gives the conversion), other files (BEiT-v2 VQ-KD is not implemented).
     """
     text = str(path)
     if "://" in text:
@@ -142,11 +187,13 @@ def load_tokenizer(path: PathLike) -> PatchKMeansTokenizer:
         raise ValueError(f"tokenizer file not found: {text}")
     with open(p, "rb") as f:
         head = f.read(8)
-    # Pickle protocol >= 2 starts with 0x80; torch.save writes a zip (which holds a pickle).
+    # Pickle protocol >= 2 starts with 0x80 (raw pickles, legacy torch.save); torch.save writes a zip.
     if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
-        raise ValueError(f"refusing {text}: a pickle / torch.save file (like DALL-E's encoder.pkl) runs code when "
-                         "loaded; convert it to a state dict saved as safetensors first (only mae-scale "
-                         "patch k-means tokenizers are supported)")
+        sd = _torch_state_dict(text)
+        if "blocks.input.w" not in sd:
+            raise ValueError(f"{text} is a state dict but not a DALL-E dVAE encoder (no blocks.input.w); "
+                             "BEiT-v2 VQ-KD encoders are not implemented")
+        return _dalle_tokenizer(sd, text)
     from safetensors import safe_open
 
     try:
@@ -156,10 +203,16 @@ def load_tokenizer(path: PathLike) -> PatchKMeansTokenizer:
             codebook = f.get_tensor("codebook") if "codebook" in names else None
     except Exception:  # any parse failure means: not a safetensors file
         raise ValueError(f"{text} is not a safetensors file; expected a tokenizer written by "
-                         "`mae-scale tokenizer fit` (safetensors: codebook + metadata)") from None
+                         "`mae-scale tokenizer fit` (safetensors: codebook + metadata) or a DALL-E "
+                         "encoder state dict") from None
+    if "blocks.input.w" in names and meta.get("format") != FORMAT:
+        from safetensors.torch import load_file
+
+        return _dalle_tokenizer(load_file(text), text)
     if meta.get("format") != FORMAT or codebook is None:
-        raise ValueError(f"{text} is safetensors but not a mae-scale patch k-means tokenizer (format="
-                         f"{meta.get('format')!r}); DALL-E dVAE / BEiT-v2 VQ-KD encoders are not implemented")
+        raise ValueError(f"{text} is safetensors but neither a mae-scale patch k-means tokenizer (format="
+                         f"{meta.get('format')!r}) nor a DALL-E dVAE encoder state dict (no blocks.input.w); "
+                         "BEiT-v2 VQ-KD encoders are not implemented")
     if meta.get("version") != VERSION:
         raise ValueError(f"{text}: tokenizer format version {meta.get('version')!r}, this code reads {VERSION!r}")
     patch_size = int(meta["patch_size"])

@@ -86,7 +86,9 @@ def mim_grid(model, imgs: torch.Tensor, mask: torch.Tensor, tokenizer=None) -> I
     """SimMIM / BEiT-style pictures, one row per image: original | masked input | prediction |
     prediction pasted into the masked patches. SimMIM predicts pixels; a BEiT-style model predicts
     token ids, shown as their codewords mapped back with each true patch's mean and std (the third
-    panel is then the tokenizer's own rendering of the target, the fourth the model's guesses)."""
+    panel is then the tokenizer's own rendering of the target, the fourth the model's guesses). A
+    tokenizer without ``decode_patches`` (the DALL-E encoder: no decoder here) gets the true image as
+    third panel and, in the fourth, the masked patches whose id was guessed right (the rest black)."""
     imgs = imgs.float()
     p = model.patch_size
     h, w = model.patch_embed.grid_size
@@ -105,10 +107,15 @@ def mim_grid(model, imgs: torch.Tensor, mask: torch.Tensor, tokenizer=None) -> I
             patches = _patchify(imgs, p)
             mean, std = patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
 
-            def render(ids: torch.Tensor) -> torch.Tensor:
-                return _unpatchify(tokenizer.decode_patches(ids) * std + mean, p, h, w)
+            if hasattr(tokenizer, "decode_patches"):
+                def render(ids: torch.Tensor) -> torch.Tensor:
+                    return _unpatchify(tokenizer.decode_patches(ids) * std + mean, p, h, w)
 
-            third, pred = render(target.reshape(target.shape[0], -1)), render(guessed)
+                third, pred = render(target.reshape(target.shape[0], -1)), render(guessed)
+            else:  # no decoder (DALL-E encoder): the true image, and masked patches shown only where guessed right
+                right = (guessed == target.reshape(target.shape[0], -1)).float().reshape(-1, 1, h, w)
+                right = right.repeat_interleave(p, 2).repeat_interleave(p, 3)
+                third, pred = imgs, imgs * right - 10.0 * (1 - right)  # wrong guesses: black (clamped)
     finally:
         model.train(was_training)
     panels = [imgs, imgs * (1 - pix_mask), third, imgs * (1 - pix_mask) + pred.float() * pix_mask]
