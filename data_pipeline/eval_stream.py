@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
 
 from .augment import BadImage
-from .stream import ShardSet, resolve_shards
-from .tario import IMAGE_EXTS, iter_tar_samples
+from .stream import ShardSet, image_and_label, resolve_shards
+from .tario import iter_tar_samples
 
 __all__ = ["make_eval_loader", "EvalLoader", "split_range"]
 
@@ -99,19 +99,9 @@ class EvalStream(IterableDataset):
                 yield None, None
 
     def _decode(self, key: str | None, members: dict | None) -> tuple[int, torch.Tensor]:
-        if members is None:
-            raise BadImage("missing", "shard has fewer samples than its manifest says")
-        ext = next((x for x in IMAGE_EXTS if x in members), None)
-        if ext is None:
-            raise BadImage("no_image", f"no image member (has {sorted(members)})")
-        label = -1
-        if "cls" in members:
-            try:
-                label = int(members["cls"].decode().strip())
-            except (ValueError, UnicodeDecodeError):
-                raise BadImage("bad_label", f"non-integer .cls {members['cls'][:20]!r}") from None
+        data, label = image_and_label(members)
         try:
-            return label, self.transform(members[ext], None)
+            return label, self.transform(data, None)
         except BadImage:
             raise
         except (RuntimeError, ValueError, OSError) as e:

@@ -404,7 +404,7 @@ class _HashingReader(io.RawIOBase):
         return b
 
     def drain(self) -> None:
-        while b := self.read(1 << 20):
+        while self.read(1 << 20):
             pass
 
 

@@ -208,6 +208,23 @@ class _Fetcher:
         return self.held.get(pos) if keep else self.held.pop(pos, None)
 
 
+def image_and_label(members: dict[str, bytes] | None) -> tuple[bytes, int]:
+    """A sample's image bytes and integer label (-1 when it has no .cls); BadImage when the sample
+    is missing, has no image member, or a .cls that is not an integer."""
+    if members is None:
+        raise BadImage("missing", "shard has fewer samples than its manifest says")
+    ext = next((e for e in IMAGE_EXTS if e in members), None)
+    if ext is None:
+        raise BadImage("no_image", f"no image member (has {sorted(members)})")
+    label = -1
+    if "cls" in members:
+        try:
+            label = int(members["cls"].decode().strip())
+        except (ValueError, UnicodeDecodeError):
+            raise BadImage("bad_label", f"non-integer .cls {members['cls'][:20]!r}") from None
+    return members[ext], label
+
+
 class ShardStream(IterableDataset):
     """One rank's epoch; each (DataLoader) worker yields the batches of its own range."""
 
@@ -347,26 +364,18 @@ class ShardStream(IterableDataset):
     def _decode(self, pos: int, got: tuple[str, dict] | None, gen: torch.Generator,
                 repeat: int) -> tuple[int, torch.Tensor] | BadImage:
         """(label, image) or the reason the sample is bad."""
-        if got is None:
-            return BadImage("missing", "shard has fewer samples than its manifest says")
-        _, members = got
-        ext = next((e for e in IMAGE_EXTS if e in members), None)
-        if ext is None:
-            return BadImage("no_image", f"no image member (has {sorted(members)})")
-        label = -1
-        if "cls" in members:
-            try:
-                label = int(members["cls"].decode().strip())
-            except (ValueError, UnicodeDecodeError):
-                return BadImage("bad_label", f"non-integer .cls {members['cls'][:20]!r}")
+        try:
+            data, label = image_and_label(None if got is None else got[1])
+        except BadImage as e:
+            return e
         # resampled: positions are per worker and samples repeat, so the worker is in the key
         gen.manual_seed(_mix(self.seed, self.epoch, pos, repeat, *self._aug_key))
         try:
             if self.raw_jpeg:
-                raw = _raw_jpeg(members[ext], self.augment, gen)
+                raw = _raw_jpeg(data, self.augment, gen)
                 if raw is not None:
                     return label, raw
-            return label, self.augment(members[ext], gen)
+            return label, self.augment(data, gen)
         except BadImage as e:
             return e
         except (RuntimeError, ValueError, OSError) as e:

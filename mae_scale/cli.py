@@ -11,21 +11,39 @@ import sys
 from pathlib import Path
 
 
-def _train(trainer):
-    """Run the loop; the two failures a user can act on end as one line (the result, or None)."""
+def _train_and_report(build, summary) -> int:
+    """Build the trainer, run the loop, print where everything is. A weights file that does not fit
+    (`model.init`) and the two failures a user can act on end as one line; `summary(result)` gives
+    the verb's own lines of the report."""
     from mae_scale.trainer import NonFiniteLossError
+    from mae_scale.weights import WeightsError
 
     from data_pipeline import TooManyBadSamples
 
     try:
-        return trainer.train()
+        trainer = build()
+    except WeightsError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        result = trainer.train()
     except TooManyBadSamples as exc:
         trainer.fail(f"{str(exc).splitlines()[0]} (raise data.max_bad_fraction to accept more); "
                      f"the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) is untouched")
+        return 1
     except NonFiniteLossError as exc:
         trainer.fail(f"{exc}; the step was not applied and the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) "
                      "is untouched: lower optim.blr or check the data, then run the same command to resume")
-    return None
+        return 1
+    if trainer.env.is_main:
+        print("\ndone:")
+        print(f"  run directory    {result['run_dir']}")
+        print(f"  checkpoint       {result['checkpoint']}")
+        for line in summary(result):
+            print(f"  {line}")
+        if result.get("mlflow_run_id"):
+            print(f"  MLflow           {result['mlflow_uri']} (run {result['mlflow_run_id']}); "
+                  f"browse with: mlflow ui --backend-store-uri {result['mlflow_uri']}")
+    return 0
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -35,27 +53,14 @@ def _pretrain(args: argparse.Namespace) -> int:
     from mae_scale.distributed import init_distributed
     from mae_scale.trainer import Pretrainer
 
-    from mae_scale.weights import WeightsError
+    def summary(result: dict) -> list[str]:
+        lines = [f"reconstructions  {result['picture']}"]
+        if result.get("loss_curve"):
+            lines.append(f"loss curve       {result['loss_curve']}")
+        return lines
 
     env = init_distributed()
-    try:
-        trainer = Pretrainer(cfg, env)  # model.init is read here
-    except WeightsError as exc:
-        raise UserError(str(exc)) from None
-    result = _train(trainer)
-    if result is None:
-        return 1
-    if env.is_main:
-        print("\ndone:")
-        print(f"  run directory    {result['run_dir']}")
-        print(f"  checkpoint       {result['checkpoint']}")
-        print(f"  reconstructions  {result['picture']}")
-        if result.get("loss_curve"):
-            print(f"  loss curve       {result['loss_curve']}")
-        if result.get("mlflow_run_id"):
-            print(f"  MLflow           {result['mlflow_uri']} (run {result['mlflow_run_id']}); "
-                  f"browse with: mlflow ui --backend-store-uri {result['mlflow_uri']}")
-    return 0
+    return _train_and_report(lambda: Pretrainer(cfg, env), summary)  # model.init is read when built
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -67,32 +72,26 @@ def _finetune(args: argparse.Namespace) -> int:
     from mae_scale.finetune import Finetuner, evaluate_only
     from mae_scale.weights import WeightsError
 
-    try:
-        env = init_distributed()
-        if args.eval_only:
+    env = init_distributed()
+    if args.eval_only:
+        try:
             result = evaluate_only(cfg, env)
-            if env.is_main:
-                out = Path(cfg.output_dir)
-                out.mkdir(parents=True, exist_ok=True)
-                (out / "eval_only.json").write_text(json.dumps(result, indent=2, default=str))
-            return 0
-        trainer = Finetuner(cfg, env)
-    except WeightsError as exc:
-        raise UserError(str(exc)) from None
-    result = _train(trainer)
-    if result is None:
-        return 1
-    if env.is_main:
-        print("\ndone:")
-        print(f"  run directory    {result['run_dir']}")
-        print(f"  checkpoint       {result['checkpoint']}")
+        except WeightsError as exc:
+            raise UserError(str(exc)) from None
+        if env.is_main:
+            out = Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval_only.json").write_text(json.dumps(result, indent=2, default=str))
+        return 0
+
+    def summary(result: dict) -> list[str]:
+        lines = []
         if "best_acc1" in result:
-            print(f"  top-1            best {result['best_acc1']:.2f}% (step {result['best_step']}), "
-                  f"last {result['last_acc1']:.2f}% (top-5 {result['last_acc5']:.2f}%)")
-        print(f"  evaluations      {result['eval_log']}")
-        if result.get("mlflow_run_id"):
-            print(f"  MLflow           {result['mlflow_uri']} (run {result['mlflow_run_id']})")
-    return 0
+            lines.append(f"top-1            best {result['best_acc1']:.2f}% (step {result['best_step']}), "
+                         f"last {result['last_acc1']:.2f}% (top-5 {result['last_acc5']:.2f}%)")
+        return lines + [f"evaluations      {result['eval_log']}"]
+
+    return _train_and_report(lambda: Finetuner(cfg, env), summary)
 
 
 def _make_shards(args: argparse.Namespace) -> int:

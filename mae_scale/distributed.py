@@ -87,6 +87,21 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over the ranks, in place (a no-op in a world of one); returns it."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on at least one (a collective: call it on all ranks)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast_object(obj, src: int = 0):
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return obj

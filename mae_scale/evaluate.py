@@ -15,21 +15,8 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from mae_scale.distributed import DistEnv
+from mae_scale.distributed import DistEnv, all_reduce_mean, all_reduce_sum, any_rank
 from mae_scale.visualize import normalize_on_device
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(t)
-    return t
 
 
 @torch.no_grad()
@@ -50,7 +37,7 @@ def evaluate(model: torch.nn.Module, val_shards: str, env: DistEnv, *, input_siz
     batches = iter(loader)
     while True:
         batch = next(batches, None)
-        if not _any_rank(batch is not None, env.device):
+        if not any_rank(batch is not None, env.device):
             break
         if batch is None:  # this rank is done; keep a ZeRO-3 forward collective company
             model(torch.zeros(1, 3, input_size, input_size, device=env.device, dtype=dtype))
@@ -66,7 +53,7 @@ def evaluate(model: torch.nn.Module, val_shards: str, env: DistEnv, *, input_siz
                              hits[:, :1].any(1).sum().double(), hits.any(1).sum().double(),
                              torch.tensor(float(len(labels)), dtype=torch.float64, device=env.device)])
     bad = Counter(loader.bad_counts)
-    sums = _sum_over_ranks(torch.cat([sums, torch.tensor([float(sum(bad.values()))], dtype=torch.float64,
+    sums = all_reduce_sum(torch.cat([sums, torch.tensor([float(sum(bad.values()))], dtype=torch.float64,
                                                          device=env.device)]))
     model.train(was_training)
     loss, top1, top5, count, bad_total = sums.tolist()
@@ -79,11 +66,6 @@ def evaluate(model: torch.nn.Module, val_shards: str, env: DistEnv, *, input_siz
 def sync_buffers(model: torch.nn.Module) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over the ranks: each rank saw
     other images, and evaluation and checkpoints must use one set of statistics."""
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return
-    world = torch.distributed.get_world_size()
     for buf in model.buffers():
         if buf.is_floating_point():
-            total = buf.detach().float().clone()
-            torch.distributed.all_reduce(total)
-            buf.copy_((total / world).to(buf.dtype))
+            buf.copy_(all_reduce_mean(buf).to(buf.dtype))

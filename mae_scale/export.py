@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import io
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import torch
 
@@ -240,24 +240,3 @@ def add_export_parser(subparsers):
                    help="keep MAE's decoder and mask token (to continue pretraining) instead of the encoder only")
     p.set_defaults(run=run_export)
     return p
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Standalone entry (`python -m mae_scale.export ...`) for use before mae-scale's CLI wires the verb."""
-    import argparse
-    import sys
-
-    from mae_scale.cli import UserError
-
-    parser = argparse.ArgumentParser(prog="mae-scale")
-    add_export_parser(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -55,6 +55,7 @@ def load_classifier_init(model: torch.nn.Module, cfg: FinetuneConfig) -> dict:
 
 
 class Finetuner(Pretrainer):
+    STEP_LOGS = ("metrics.jsonl", "eval.jsonl")
     def __init__(self, cfg: FinetuneConfig, env: DistEnv):
         self.probe = cfg.mode == "linprobe"
         self.last_eval_step = None
@@ -163,13 +164,6 @@ class Finetuner(Pretrainer):
     def _eval_rows(self) -> list[dict]:
         path = self.run_dir / "eval.jsonl"
         return [json.loads(r) for r in path.read_text().splitlines() if r] if path.is_file() else []
-
-    def _truncate_metrics(self, step: int) -> None:
-        super()._truncate_metrics(step)
-        path = self.run_dir / "eval.jsonl"
-        if path.is_file():
-            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            path.write_text("".join(r + "\n" for r in rows))
 
     def _eval_due_after_epoch(self, finished_epochs: int) -> bool:
         return finished_epochs % self.cfg.train.eval_every_epochs == 0

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from mae_scale.distributed import all_reduce_sum
+
 
 def lars_param_groups(model: torch.nn.Module, weight_decay: float = 0.0) -> list[dict]:
     """One group per trainable parameter: matrices adapted (and decayed), 1-d parameters plain."""
@@ -38,12 +40,6 @@ class LARS(torch.optim.Optimizer):
                         lars_adapt=None)
         super().__init__(params, defaults)
 
-    @staticmethod
-    def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            torch.distributed.all_reduce(t)
-        return t
-
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -59,7 +55,7 @@ class LARS(torch.optim.Optimizer):
                 update = p.grad if p.grad is not None else torch.zeros_like(p)  # every rank joins the all-reduce
                 if adapted:
                     update = update.add(p, alpha=group["weight_decay"])
-                    squares = self._sum_over_ranks(torch.stack([p.float().pow(2).sum(),
+                    squares = all_reduce_sum(torch.stack([p.float().pow(2).sum(),
                                                                 update.float().pow(2).sum()]))
                     param_norm, update_norm = squares.sqrt()
                     trust = torch.where((param_norm > 0) & (update_norm > 0),

@@ -46,6 +46,8 @@ from typing import Dict, Optional, Protocol, Union
 
 import torch
 
+from mae_scale.models.patches import patchify
+
 FORMAT = "mae-scale-patch-kmeans"
 VERSION = "1"
 NORMALISATION = ("imagenet-mean-std pixels, patch flattened (p,q,c), then per patch: "
@@ -70,12 +72,7 @@ class Tokenizer(Protocol):
 
 def normalized_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
     """images [B, C, H, W] -> per-patch normalized patches fp32 [B, L, p*p*C] ((p, q, c) order)."""
-    b, c, h_px, w_px = images.shape
-    p = patch_size
-    if h_px % p or w_px % p:
-        raise ValueError(f"image size {(h_px, w_px)} is not divisible by patch size {p}")
-    x = images.float().reshape(b, c, h_px // p, p, w_px // p, p)
-    x = torch.einsum("nchpwq->nhwpqc", x).reshape(b, (h_px // p) * (w_px // p), p * p * c)
+    x = patchify(images.float(), patch_size)
     mean = x.mean(dim=-1, keepdim=True)
     var = x.var(dim=-1, keepdim=True)
     out = (x - mean) / (var + _VAR_EPS) ** 0.5

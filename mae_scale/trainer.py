@@ -66,6 +66,8 @@ def train_shards_spec(cfg: PretrainConfig, env: DistEnv) -> str:
 class Pretrainer:
     """Builds model, engine, data, checkpointing and tracking from a config; owns the loop."""
 
+    STEP_LOGS = ("metrics.jsonl",)  # JSON lines keyed by "step", cut back to the checkpoint on resume
+
     def __init__(self, cfg: PretrainConfig, env: DistEnv):
         import deepspeed
 
@@ -216,11 +218,12 @@ class Pretrainer:
         return state.get("mlflow_run_id")
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop metric rows after the checkpoint: those steps are about to be run again."""
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-            path.write_text("".join(r + "\n" for r in rows))
+        """Drop rows after the checkpoint from the per-step logs: those steps are about to be run again."""
+        for name in self.STEP_LOGS:
+            path = self.run_dir / name
+            if path.is_file():
+                rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
+                path.write_text("".join(r + "\n" for r in rows))
 
     def _record_attempt(self) -> None:
         """One line per start of the run: when, where, at what world size, from which step."""

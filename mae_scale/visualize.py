@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mae_scale.models.patches import patchify, token_mask_to_pixels, unpatchify
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -69,18 +71,6 @@ def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float, noise: tor
     return Image.fromarray(grid)
 
 
-def _patchify(imgs: torch.Tensor, p: int) -> torch.Tensor:
-    n, c, h, w = imgs.shape
-    x = imgs.reshape(n, c, h // p, p, w // p, p)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(n, (h // p) * (w // p), p * p * c)
-
-
-def _unpatchify(x: torch.Tensor, p: int, h: int, w: int) -> torch.Tensor:
-    n = x.shape[0]
-    x = x.reshape(n, h, w, p, p, 3)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(n, 3, h * p, w * p)
-
-
 @torch.no_grad()
 def mim_grid(model, imgs: torch.Tensor, mask: torch.Tensor, tokenizer=None) -> Image.Image:
     """SimMIM / BEiT-style pictures, one row per image: original | masked input | prediction |
@@ -92,7 +82,7 @@ def mim_grid(model, imgs: torch.Tensor, mask: torch.Tensor, tokenizer=None) -> I
     imgs = imgs.float()
     p = model.patch_size
     h, w = model.patch_embed.grid_size
-    pix_mask = mask.reshape(-1, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3).float()
+    pix_mask = token_mask_to_pixels(mask, p, (h, w))
     was_training = model.training
     model.eval()
     try:
@@ -104,17 +94,16 @@ def mim_grid(model, imgs: torch.Tensor, mask: torch.Tensor, tokenizer=None) -> I
             _, logits, _ = model(imgs, mask, target)  # logits on the masked positions only
             guessed = target.reshape(target.shape[0], -1).clone()
             guessed[mask] = logits.argmax(-1)
-            patches = _patchify(imgs, p)
+            patches = patchify(imgs, p)
             mean, std = patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
 
             if hasattr(tokenizer, "decode_patches"):
                 def render(ids: torch.Tensor) -> torch.Tensor:
-                    return _unpatchify(tokenizer.decode_patches(ids) * std + mean, p, h, w)
+                    return unpatchify(tokenizer.decode_patches(ids) * std + mean, p, (h, w))
 
                 third, pred = render(target.reshape(target.shape[0], -1)), render(guessed)
             else:  # no decoder (DALL-E encoder): the true image, and masked patches shown only where guessed right
-                right = (guessed == target.reshape(target.shape[0], -1)).float().reshape(-1, 1, h, w)
-                right = right.repeat_interleave(p, 2).repeat_interleave(p, 3)
+                right = token_mask_to_pixels(guessed == target.reshape(target.shape[0], -1), p, (h, w))
                 third, pred = imgs, imgs * right - 10.0 * (1 - right)  # wrong guesses: black (clamped)
     finally:
         model.train(was_training)

@@ -133,15 +133,10 @@ def test_encoder_export_runs_in_timm_like_our_encoder(pretrained, tmp_path, case
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
-def _cli_wired() -> bool:
-    return "add_export_parser" in (ROOT / "mae_scale/cli.py").read_text()
-
-
 @pytest.mark.distributed
 def test_export_verb_and_refusal(tmp_path, pretrained):
     run = pretrained(CASES[1])
-    # Through mae-scale's CLI once the verb is wired there, otherwise through this module's own entry.
-    entry = ["-m", "mae_scale"] if _cli_wired() else ["-m", "mae_scale.export"]
+    entry = ["-m", "mae_scale"]  # the mae-scale CLI
     out = tmp_path / "w.safetensors"
     proc = subprocess.run([sys.executable, *entry, "export", str(run), "--out", str(out)], capture_output=True,
                           text=True, timeout=300, env=run_env(), cwd=ROOT)

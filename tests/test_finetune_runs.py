@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ckpt_utils import assert_same_checkpoint
-from run_helpers import ROOT, run_env, run_pretrain
+from run_helpers import ROOT, run_env
 from mae_scale.checkpoint import latest_checkpoint
 
 FT = ROOT / "configs/finetune/fashion_mnist_tiny.yaml"

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from ckpt_utils import assert_same_checkpoint
+from untrusted_files import WritesFileOnLoad
 from run_helpers import ROOT, base_overrides, pretrain_cmd, run_env, run_pretrain
 from mae_scale.checkpoint import MARKER, complete_checkpoints, latest_checkpoint
 
@@ -88,16 +89,11 @@ def test_checkpoint_that_would_run_code_is_refused(small_shards, tmp_path):
     args = base_overrides(small_shards, out, **{"train.max_steps": 2})
     run_pretrain(args)
     proof = tmp_path / "code_ran"
-
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f"touch {proof}",))
-
     import pickle
 
     ckpt = latest_checkpoint(out)
     with open(ckpt / "mp_rank_00_model_states.pt", "wb") as fh:
-        pickle.dump({"module": Payload()}, fh)
+        pickle.dump({"module": WritesFileOnLoad(proof)}, fh)
     proc = run_pretrain(base_overrides(small_shards, out, **{"train.max_steps": 4}), check=False)
     assert proc.returncode != 0 and "weights_only" in proc.stderr.replace("\n", " ")
     assert not proof.exists()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from untrusted_files import WritesFileOnLoad, tokenizer_refusal
 import mae_scale.tokenizer as tokmod
 from data_pipeline import make_loader
 from mae_scale.tokenizer import (
@@ -109,43 +110,25 @@ def test_patch_normalisation_and_flat_patches():
 
 
 # ---------------------------------------------------------------- refusals
-class _TouchOnLoad:
-    """A pickle whose loading would create a file: the loader must never unpickle."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _one_line_error(path) -> str:
-    with pytest.raises(ValueError) as info:
-        load_tokenizer(path)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
-
-
 def test_refuses_pickles_without_running_them(tmp_path):
     marker = tmp_path / "marker"
     pkl = tmp_path / "encoder.pkl"
-    pkl.write_bytes(pickle.dumps(_TouchOnLoad(marker)))
-    message = _one_line_error(pkl)
+    pkl.write_bytes(pickle.dumps(WritesFileOnLoad(marker)))
+    message = tokenizer_refusal(pkl)
     assert "encoder.pkl" in message and "state dict" in message
     assert not marker.exists()
     pt = tmp_path / "model.pt"
     torch.save({"w": torch.zeros(2)}, pt)
-    assert "state dict" in _one_line_error(pt)
+    assert "state dict" in tokenizer_refusal(pt)
 
 
 def test_refuses_other_files_and_urls(tmp_path):
     text = tmp_path / "codebook.txt"
     text.write_text("not a tokenizer\n")
-    message = _one_line_error(text)
+    message = tokenizer_refusal(text)
     assert "codebook.txt" in message and "safetensors" in message
     foreign = tmp_path / "dvae.safetensors"
     save_file({"encoder.blocks.input.w": torch.zeros(2, 2)}, str(foreign))
-    assert "not implemented" in _one_line_error(foreign)
-    assert "URL" in _one_line_error("https://example.com/tok.safetensors")
-    assert "not found" in _one_line_error(tmp_path / "missing.safetensors")
+    assert "not implemented" in tokenizer_refusal(foreign)
+    assert "URL" in tokenizer_refusal("https://example.com/tok.safetensors")
+    assert "not found" in tokenizer_refusal(tmp_path / "missing.safetensors")

@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from untrusted_files import WritesFileOnLoad, tokenizer_refusal
 from mae_scale.tokenizer import load_tokenizer
 from mae_scale.tokenizer_dalle import DallEEncoder, DallETokenizer, map_pixels
 
@@ -93,24 +94,6 @@ OFFICIAL_KEYS, OFFICIAL_VALUES = 74, 53_786_240
 SMALL = dict(n_hid=16, n_blk_per_group=1, vocab_size=64)  # same layout, fast on CPU
 
 
-class _TouchOnLoad:
-    """A pickle whose loading would create a file: the loader must never run it."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
-
-
-def _one_line_error(path) -> str:
-    with pytest.raises(ValueError) as info:
-        load_tokenizer(path)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
-
-
 @pytest.fixture(scope="module")
 def small_files(tmp_path_factory):
     torch.manual_seed(0)
@@ -170,15 +153,15 @@ def test_refuses_pickled_module_and_code_pickles(small_files, tmp_path):
     enc, _, _ = small_files
     module = tmp_path / "encoder.pkl"
     torch.save(enc, module)  # the nn.Module itself, as the official encoder.pkl is
-    message = _one_line_error(module)
+    message = tokenizer_refusal(module)
     assert "encoder.pkl" in message and "state dict" in message and "save_file(enc.state_dict()" in message
     marker = tmp_path / "marker"
     raw = tmp_path / "evil.pkl"
-    raw.write_bytes(pickle.dumps(_TouchOnLoad(marker)))
-    assert "state dict" in _one_line_error(raw)
+    raw.write_bytes(pickle.dumps(WritesFileOnLoad(marker)))
+    assert "state dict" in tokenizer_refusal(raw)
     zipped = tmp_path / "evil.pth"
-    torch.save({"blocks.input.w": _TouchOnLoad(marker)}, zipped)
-    assert "state dict" in _one_line_error(zipped)
+    torch.save({"blocks.input.w": WritesFileOnLoad(marker)}, zipped)
+    assert "state dict" in tokenizer_refusal(zipped)
     assert not marker.exists()
 
 
@@ -190,14 +173,14 @@ def test_wrong_shape_missing_and_extra_keys_are_named(small_files, tmp_path):
         sd[key] = torch.zeros(3, 3, 3, 3)
         path = tmp_path / f"bad.{fmt}"
         save_file(sd, str(path)) if fmt == "safetensors" else torch.save(sd, path)
-        message = _one_line_error(path)
+        message = tokenizer_refusal(path)
         assert key in message and "(3, 3, 3, 3)" in message
     sd = {k: v for k, v in enc.state_dict().items() if k != "blocks.output.conv.b"}
     save_file(sd, str(tmp_path / "missing.safetensors"))
-    assert "blocks.output.conv.b" in _one_line_error(tmp_path / "missing.safetensors")
+    assert "blocks.output.conv.b" in tokenizer_refusal(tmp_path / "missing.safetensors")
     sd = dict(enc.state_dict(), **{"blocks.extra.w": torch.zeros(1)})
     save_file(sd, str(tmp_path / "extra.safetensors"))
-    assert "blocks.extra.w" in _one_line_error(tmp_path / "extra.safetensors")
+    assert "blocks.extra.w" in tokenizer_refusal(tmp_path / "extra.safetensors")
 
 
 def test_mim_picture_without_decoder(small_files):

@@ -4,7 +4,6 @@ files that are not weights, pickles that would run code, weights of another mode
 missing an encoder key."""
 
 import argparse
-import os
 import pickle
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from untrusted_files import WritesFileOnLoad
 from mae_scale.models import build_mae
 from mae_scale.weights import WeightsError, adapt_to_model, load_init, read_state_dict
 
@@ -143,22 +143,12 @@ def test_pos_embed_resized_to_a_larger_grid_keeps_the_cls_slot(tmp_path):
 
 
 # ---------------------------------------------------------------------- reading and refusals
-class _RunsCode:
-    """Unpickling this would write a file: the proof that a loader executed code."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickles_that_would_run_code_are_refused(tmp_path):
     marker = tmp_path / "pwned"
     zipped, legacy = tmp_path / "evil.pth", tmp_path / "evil_legacy.pth"
-    torch.save({"model": {"w": torch.zeros(2)}, "extra": _RunsCode(marker)}, zipped)
+    torch.save({"model": {"w": torch.zeros(2)}, "extra": WritesFileOnLoad(marker)}, zipped)
     with open(legacy, "wb") as fh:
-        pickle.dump({"model": _RunsCode(marker)}, fh)
+        pickle.dump({"model": WritesFileOnLoad(marker)}, fh)
     for path in (zipped, legacy):
         with pytest.raises(WeightsError, match="refused to unpickle") as err:
             read_state_dict(path)

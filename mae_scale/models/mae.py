@@ -22,10 +22,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
+from .patches import patchify, run_blocks, unpatchify
 from .pos_embed import get_2d_sincos_pos_embed
 from .vit import VIT_ARCHS
 
@@ -121,24 +121,11 @@ class MaskedAutoencoderViT(nn.Module):
     # ------------------------------------------------------------------ patches
     def patchify(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [N, C, H, W] -> patches [N, L, p*p*C], each patch flattened in (p, q, c) order."""
-        p = self.patch_size
-        n, c, h_px, w_px = imgs.shape
-        if h_px % p or w_px % p:
-            raise ValueError(f"image size {(h_px, w_px)} is not divisible by patch size {p}")
-        h, w = h_px // p, w_px // p
-        x = imgs.reshape(n, c, h, p, w, p)  # [N, C, h, p, w, q]
-        x = torch.einsum("nchpwq->nhwpqc", x)  # [N, h, w, p, q, C]
-        return x.reshape(n, h * w, p * p * c)  # [N, L, p*p*C]
+        return patchify(imgs, self.patch_size)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """patches [N, L, p*p*C] -> imgs [N, C, H, W], on this model's patch grid."""
-        p, c = self.patch_size, self.in_chans
-        h, w = self.patch_embed.grid_size
-        if x.shape[1] != h * w:
-            raise ValueError(f"expected {h * w} patches for grid {(h, w)}, got {x.shape[1]}")
-        x = x.reshape(x.shape[0], h, w, p, p, c)  # [N, h, w, p, q, C]
-        x = torch.einsum("nhwpqc->nchpwq", x)  # [N, C, h, p, w, q]
-        return x.reshape(x.shape[0], c, h * p, w * p)  # [N, C, H, W]
+        return unpatchify(x, self.patch_size, tuple(self.patch_embed.grid_size), self.in_chans)
 
     # ------------------------------------------------------------------ masking
     @staticmethod
@@ -166,11 +153,7 @@ class MaskedAutoencoderViT(nn.Module):
         return x_visible, mask, ids_restore
 
     def _run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
-        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for blk in blocks:
-            # Recompute each block in backward instead of storing its activations (large ViT-H batches).
-            x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
-        return x
+        return run_blocks(blocks, x, self.grad_checkpointing and self.training and torch.is_grad_enabled())
 
     # ------------------------------------------------------------------ forward
     def forward_encoder(

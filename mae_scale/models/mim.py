@@ -32,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
-from torch.utils.checkpoint import checkpoint
 
+from .patches import run_blocks, token_mask_to_pixels
 from .pos_embed import get_2d_sincos_pos_embed
 from .vit import VIT_ARCHS
 
@@ -138,9 +138,7 @@ class MaskedImageViT(nn.Module):
             x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+L, D]
         x = x + self.pos_embed
-        use_ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if use_ckpt else blk(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing and self.training and torch.is_grad_enabled())
         return self.norm(x)
 
     # ------------------------------------------------------------------ heads and losses
@@ -152,7 +150,7 @@ class MaskedImageViT(nn.Module):
         z = latent[:, 1:].transpose(1, 2).reshape(b, d, h, w)  # [B, D, h, w]
         rec = self.pixel_shuffle(self.simmim_head(z)).float()  # [B, C, H, W]
         p = self.patch_size
-        pix_mask = mask.reshape(b, 1, h, w).repeat_interleave(p, 2).repeat_interleave(p, 3).float()  # [B,1,H,W]
+        pix_mask = token_mask_to_pixels(mask, p, (h, w))  # [B, 1, H, W]
         l1 = F.l1_loss(rec, imgs.float(), reduction="none")  # [B, C, H, W]
         loss = (l1 * pix_mask).sum() / (pix_mask.sum() + 1e-5) / self.in_chans
         return loss, rec
