@@ -1,5 +1,3 @@
-import sys
+from mae_scale.cli import entry
 
-from mae_scale.cli import main
-
-sys.exit(main())
+entry()

@@ -50,7 +50,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from mae_scale.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # refused here, before any process group or data
-    from mae_scale.distributed import init_distributed
+    from mae_scale.distributed import init_distributed, shutdown_distributed
     from mae_scale.trainer import Pretrainer
 
     def summary(result: dict) -> list[str]:
@@ -60,7 +60,10 @@ def _pretrain(args: argparse.Namespace) -> int:
         return lines
 
     env = init_distributed()
-    return _train_and_report(lambda: Pretrainer(cfg, env), summary)  # model.init is read when built
+    code = _train_and_report(lambda: Pretrainer(cfg, env), summary)  # model.init is read when built
+    if code == 0:  # a failure may be one rank's alone: no barrier the others would never reach
+        shutdown_distributed()
+    return code
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -68,7 +71,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from mae_scale.finetune_config import load_finetune_config
 
     cfg = load_finetune_config(args.config, args.overrides, mode=args.verb, eval_only=args.eval_only)
-    from mae_scale.distributed import init_distributed
+    from mae_scale.distributed import init_distributed, shutdown_distributed
     from mae_scale.finetune import Finetuner, evaluate_only
     from mae_scale.weights import WeightsError
 
@@ -82,6 +85,7 @@ def _finetune(args: argparse.Namespace) -> int:
             out = Path(cfg.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "eval_only.json").write_text(json.dumps(result, indent=2, default=str))
+        shutdown_distributed()
         return 0
 
     def summary(result: dict) -> list[str]:
@@ -91,7 +95,10 @@ def _finetune(args: argparse.Namespace) -> int:
                          f"last {result['last_acc1']:.2f}% (top-5 {result['last_acc5']:.2f}%)")
         return lines + [f"evaluations      {result['eval_log']}"]
 
-    return _train_and_report(lambda: Finetuner(cfg, env), summary)
+    code = _train_and_report(lambda: Finetuner(cfg, env), summary)
+    if code == 0:
+        shutdown_distributed()
+    return code
 
 
 def _make_shards(args: argparse.Namespace) -> int:
@@ -227,5 +234,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `mae-scale` console script and `python -m mae_scale`: `main`, then the exit.
+
+    A run that started a process group leaves through `exit_process` (no interpreter
+    finalization, where gloo's threads can abort a finished run); `main` itself returns normally
+    for callers in-process (the SLURM job)."""
+    code = main()
+    distributed = sys.modules.get("mae_scale.distributed")  # imported only by verbs that may start one
+    if distributed is not None and distributed.process_group_started():
+        distributed.exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

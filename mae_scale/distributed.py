@@ -6,9 +6,13 @@ This is the only module that reads ranks from the environment; it hands a `DistE
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -23,6 +27,13 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+_started = False  # set once this process has joined a process group
+
+
+def process_group_started() -> bool:
+    return _started
 
 
 def _free_port() -> int:
@@ -63,6 +74,8 @@ def init_distributed() -> DistEnv:
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     deepspeed.init_distributed(dist_backend=backend)
+    global _started
+    _started = True
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -71,6 +84,32 @@ def init_distributed() -> DistEnv:
     else:
         device = torch.device("cpu")
     return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown_distributed() -> None:
+    """End the process group once every rank is done (call it on every rank, after success only:
+    it waits for all of them).
+
+    Why the pause: a gloo worker thread drops its last reference to a finished collective a moment
+    after the caller has been released, and that frees tensors Python owns. If the interpreter is
+    already finalizing then, the thread cannot take the GIL and the process dies with `terminate
+    called without an active exception` (SIGABRT) after a run that succeeded. `exit_process`
+    removes the window for the CLI; the pause narrows it where the interpreter must exit normally
+    (under submitit, which writes the job's result at exit)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        time.sleep(0.2)
+
+
+def exit_process(code: int) -> NoReturn:
+    """Leave a process that ran collectives without interpreter finalization (see
+    `shutdown_distributed`): everything of the run is already written and closed by now; what is
+    left is collected (DataLoader workers shut down), stdio flushed, then `os._exit`."""
+    gc.collect()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def barrier() -> None:

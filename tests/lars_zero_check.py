@@ -7,7 +7,7 @@ import sys
 import deepspeed
 import torch
 
-from mae_scale.distributed import init_distributed
+from mae_scale.distributed import exit_process, init_distributed, shutdown_distributed
 from mae_scale.lars import LARS, lars_param_groups
 
 
@@ -43,7 +43,9 @@ def main(stage: int, out: str) -> None:
     if torch.distributed.get_rank() == 0:
         with open(out, "w") as fh:
             json.dump(result, fh)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), sys.argv[2])
+    exit_process(0)  # as the CLI leaves: no interpreter finalization while gloo threads wind down
