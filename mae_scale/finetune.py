@@ -51,7 +51,7 @@ def build_classifier(cfg: FinetuneConfig) -> torch.nn.Module:
 def load_classifier_init(model: torch.nn.Module, cfg: FinetuneConfig) -> dict:
     from mae_scale.weights import load_init
 
-    return load_init(model, cfg.model.init, kind=cfg.mode)
+    return load_init(model, cfg.model.init, kind=cfg.mode, scratch_dir=cfg.output_dir)
 
 
 class Finetuner(Pretrainer):

@@ -123,7 +123,7 @@ class Pretrainer:
         if cfg.model.init and self.ckpt.latest() is None:  # continued pretraining; a resume ignores it
             from mae_scale.weights import load_init
 
-            report = load_init(model, cfg.model.init, kind="pretrain")
+            report = load_init(model, cfg.model.init, kind="pretrain", scratch_dir=self.run_dir)
             if self.env.is_main:
                 print(f"initialized from {cfg.model.init}: {report}", flush=True)
         return model

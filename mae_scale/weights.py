@@ -11,7 +11,7 @@ Three uses, one path (read -> adapt -> load):
 
 Sources: the official MAE release's `.pth` files (`{"model": state_dict, ...}`), a bare state-dict
 `.pth`, a `.safetensors` file from `mae-scale export`, or a mae-scale run / checkpoint directory
-(consolidated in memory). Nothing is unpickled that could run code: `.pth` files are read with
+(consolidated in memory; in a multi-rank run by rank 0 alone, see `read_state_dict_once`). Nothing is unpickled that could run code: `.pth` files are read with
 `weights_only=True`.
 """
 
@@ -112,6 +112,50 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _tensors_of(_load_pth(path), path)
 
 
+SCRATCH_NAME = "init_consolidated.safetensors"
+
+
+def read_state_dict_once(path: str | Path, scratch_dir: str | Path | None) -> dict[str, torch.Tensor]:
+    """`read_state_dict` for every rank, where a run or checkpoint directory is consolidated once.
+
+    Merging ZeRO shards reads every rank's optimizer partitions (for ViT-H, about 8 GB) and holds
+    the merged model in memory; eight ranks of a node doing it at once multiply both by eight. So
+    in a multi-rank run rank 0 consolidates, writes the weights to `scratch_dir` (the run's own
+    directory, which every node sees), the others read that file, and rank 0 removes it once all
+    have. A failure on rank 0 is raised on every rank with the same message. Files are read by
+    every rank directly: they cost no more than the copy would. A collective: call on all ranks.
+    """
+    dist = torch.distributed
+    path = Path(path)
+    if not (path.is_dir() and scratch_dir is not None and dist.is_initialized() and dist.get_world_size() > 1):
+        return read_state_dict(path)
+    from safetensors.torch import save_file
+
+    from mae_scale.distributed import barrier, broadcast_object
+
+    scratch = Path(scratch_dir) / SCRATCH_NAME
+    state, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            state = read_state_dict(path)
+            scratch.parent.mkdir(parents=True, exist_ok=True)
+            partial = scratch.with_name(scratch.name + ".partial")
+            # clone: safetensors refuses tensors that share storage (views of one flat buffer)
+            save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(partial))
+            partial.replace(scratch)
+        except (WeightsError, OSError) as exc:
+            error = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+    error = broadcast_object(error)
+    if error is not None:
+        raise WeightsError(error)
+    if state is None:
+        state = read_state_dict(scratch)
+    barrier()  # everyone has read it
+    if dist.get_rank() == 0:
+        scratch.unlink(missing_ok=True)
+    return state
+
+
 # ---------------------------------------------------------------------- adapting
 def _describe_encoder(state: dict[str, torch.Tensor]) -> str:
     """What ViT a state dict holds, by its shapes, naming the preset when one matches."""
@@ -199,10 +243,14 @@ def adapt_to_model(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, 
     return to_load, report
 
 
-def load_init(model: torch.nn.Module, path: str | Path, kind: str) -> InitReport:
-    """Initialize `model` from the weights at `path` for `kind`; returns what stayed new or was left out."""
+def load_init(model: torch.nn.Module, path: str | Path, kind: str,
+              scratch_dir: str | Path | None = None) -> InitReport:
+    """Initialize `model` from the weights at `path` for `kind`; returns what stayed new or was left out.
+
+    With `scratch_dir` (the run directory) a run or checkpoint directory is consolidated by rank 0
+    only (`read_state_dict_once`; then every rank must call this)."""
     try:
-        to_load, report = adapt_to_model(read_state_dict(path), model, kind=kind)
+        to_load, report = adapt_to_model(read_state_dict_once(path, scratch_dir), model, kind=kind)
     except WeightsError as exc:
         raise WeightsError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
     result = model.load_state_dict(to_load, strict=False)

@@ -205,3 +205,32 @@ def test_a_file_missing_an_encoder_key_is_refused(tmp_path):
             load_init(model, path, kind=kind)
     with pytest.raises(WeightsError, match="unknown init kind"):
         adapt_to_model(sd, mae, kind="distill")
+
+
+@pytest.mark.distributed
+def test_a_run_directory_is_consolidated_by_rank0_only_and_shared(small_shards, tmp_path):
+    """Two ranks initializing from a run directory: one ZeRO merge (rank 0's), the same weights on
+    both (equal to a plain read), no scratch file left, and rank 0's refusal raised on both."""
+    import json
+    import subprocess
+    import sys
+
+    from run_helpers import ROOT, base_overrides, run_env, run_pretrain
+
+    run = tmp_path / "run"
+    run_pretrain(base_overrides(small_shards, run, **{"train.max_steps": 2, "train.zero_stage": 2}), nproc=2)
+    empty, scratch, out = tmp_path / "empty", tmp_path / "scratch", tmp_path / "out"
+    for d in (empty, scratch, out):
+        d.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tests/read_once_check.py"), str(run), str(empty), str(scratch), str(out)],
+                          capture_output=True, text=True, timeout=300, env=run_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    plain = read_state_dict(run)
+    from read_once_check import digest
+
+    assert ranks[0]["digest"] == ranks[1]["digest"] == digest(plain) and ranks[0]["keys"] == len(plain)
+    assert ranks[0]["consolidations"] == [str(run), str(empty)] and ranks[1]["consolidations"] == []
+    assert not ranks[0]["scratch_left"] and not ranks[1]["scratch_left"] and not list(scratch.iterdir())
+    assert ranks[0]["error"] == ranks[1]["error"] and str(empty) in ranks[0]["error"]
