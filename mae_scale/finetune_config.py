@@ -88,6 +88,22 @@ class FinetuneConfig:
     deepspeed: dict = doc({}, "Raw DeepSpeed config merged on top of the generated one (expert use).")
 
 
+def _manifest_classes(spec: str) -> Optional[int]:
+    """The class count the shards' manifest records, or None where there is no manifest to read
+    (remote or piped shards, a folder written by other tools): then labels are checked per batch."""
+    from data_pipeline.shards import MANIFEST_NAME, read_manifest
+
+    p = Path(spec.split("{", 1)[0]).parent if "{" in spec else Path(spec)
+    if p.is_dir() and not (p / MANIFEST_NAME).is_file():
+        return None
+    if not p.is_dir() and p.name != MANIFEST_NAME:
+        return None
+    try:
+        return int(read_manifest(p)["num_classes"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def validate_finetune(cfg: FinetuneConfig, eval_only: bool = False) -> None:
     from mae_scale.models import VIT_ARCHS
 
@@ -105,6 +121,13 @@ def validate_finetune(cfg: FinetuneConfig, eval_only: bool = False) -> None:
         if spec == "builtin" or not shards_exist(spec):
             raise ConfigError(f"data.{key}={spec!r} does not exist; point it at labelled shards written by "
                               "`mae-scale make-shards` or `mae-scale data fashion-mnist`")
+        classes = _manifest_classes(spec)
+        if classes == 0:
+            raise ConfigError(f"data.{key}={spec!r} holds unlabelled shards (its manifest has no classes); "
+                              "write them from a class-per-folder tree or a file list with labels")
+        if classes is not None and classes > m.num_classes:
+            raise ConfigError(f"data.{key}={spec!r} has {classes} classes but model.num_classes={m.num_classes}; "
+                              f"set model.num_classes={classes}")
     shares = {"model.drop_path": m.drop_path, "data.reprob": d.reprob, "data.smoothing": d.smoothing}
     for key, value in shares.items():
         if not 0.0 <= value < 1.0:

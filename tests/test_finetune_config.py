@@ -60,3 +60,31 @@ def test_missing_val_shards_say_how_to_make_them(small_shards):
     with pytest.raises(ConfigError, match="mae-scale data fashion-mnist"):
         load_finetune_config(ROOT / "configs/finetune/vit_base_patch16_100ep.yaml",
                              [f"data.train_shards={small_shards}"], mode="finetune")
+
+
+
+def test_shards_with_more_classes_than_the_model_are_refused_before_any_work(digits_shards):
+    """The manifest says 10 classes: a 5-class head would fail on the first batch holding a 7."""
+    with pytest.raises(ConfigError, match=r"has 10 classes but model.num_classes=5; set model.num_classes=10") as err:
+        load_finetune_config(ROOT / "configs/finetune/fashion_mnist_tiny.yaml",
+                             [f"data.train_shards={digits_shards / 'train'}", f"data.val_shards={digits_shards / 'val'}",
+                              "model.init=", "model.num_classes=5"], mode="finetune")
+    assert "\n" not in str(err.value)
+
+
+def test_unlabelled_shards_are_refused_for_finetuning(tmp_path, digits_shards):
+    """Photos in one flat folder have no classes: fine-tuning on them is refused by name."""
+    import shutil
+
+    from data_pipeline import make_sample_folder, write_shards
+
+    make_sample_folder(tmp_path / "images", n_images=8, seed=0)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, img in enumerate(sorted(p for p in (tmp_path / "images").rglob("*") if p.is_file())):
+        shutil.copy(img, flat / f"{i}{img.suffix}")
+    write_shards(flat, tmp_path / "shards", samples_per_shard=8, seed=0, progress=False)
+    with pytest.raises(ConfigError, match="unlabelled shards"):
+        load_finetune_config(ROOT / "configs/finetune/fashion_mnist_tiny.yaml",
+                             [f"data.train_shards={tmp_path / 'shards'}", f"data.val_shards={digits_shards / 'val'}",
+                              "model.init="], mode="finetune")
