@@ -43,8 +43,8 @@ class ModelConfig:
     mask_patch_size: int = doc(32, "simmim: side of a mask cell in pixels (a multiple of the patch size).")
     num_masking_patches: int = doc(75, "beit: patches masked per image, in blocks (BEiT: 75 of 196).")
     min_block_patches: int = doc(16, "beit: smallest block of the blockwise mask, in patches.")
-    tokenizer: str = doc("", "beit: the tokenizer file, local paths only: ours (`mae-scale tokenizer fit`) or a DALL-E "
-                         "dVAE encoder state dict (.safetensors / weights-only .pth).")
+    tokenizer: str = doc("", "beit: the tokenizer file, local paths only: ours (`mae-scale tokenizer fit`), a DALL-E "
+                         "dVAE encoder state dict, or a BEiT v2 VQ-KD checkpoint (.safetensors / weights-only .pth).")
     layer_scale: float = doc(0.1, "simmim / beit: initial layer-scale value of every block (0: none).")
     drop_path: float = doc(0.1, "simmim / beit: stochastic depth rate during pretraining.")
     grad_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
@@ -363,8 +363,8 @@ def _validate_mim(cfg: PretrainConfig) -> None:
                               f"model.min_block_patches={m.min_block_patches} in (0, num_masking_patches]")
         if not m.tokenizer or not Path(m.tokenizer).is_file():
             raise ConfigError(f"model.tokenizer={m.tokenizer!r} is not a file; make one with `mae-scale tokenizer fit "
-                              "SHARDS --vocab 8192 --out tok.safetensors` (or convert a DALL-E dVAE encoder to a "
-                              "state dict) and point model.tokenizer at it")
+                              "SHARDS --vocab 8192 --out tok.safetensors` (or use a BEiT v2 VQ-KD .pth or a DALL-E "
+                              "dVAE encoder state dict) and point model.tokenizer at it")
     if m.init:
         raise ConfigError(f"model.init is supported for objective mae only (continued MAE pretraining); "
                           f"remove it for objective {m.objective}")

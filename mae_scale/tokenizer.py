@@ -34,7 +34,13 @@ that ``torch.load(weights_only=True)`` reads (a dict of tensors, never arbitrary
 keys are the official encoder's (``blocks.input.w``, ...). It refuses everything else with one
 line: URLs (local files only), missing files, pickled modules such as DALL-E's ``encoder.pkl``
 (unpickling runs code; convert it to a state dict first, see :mod:`mae_scale.tokenizer_dalle`),
-other pickles, and other safetensors files (BEiT-v2 VQ-KD encoders are not implemented).
+other pickles, and other safetensors files.
+
+It also loads the **BEiT v2 VQ-KD tokenizer's encoder side** (:mod:`mae_scale.tokenizer_vqkd`),
+e.g. the official ``vqkd_encoder_base_decoder_3x768x12_clip-*.pth`` as downloaded: a ``.pth``
+holding ``{"model": state_dict}`` (or ``{"state_dict": ...}``, or a bare state dict) read with
+``torch.load(weights_only=True)``, or a safetensors file of the state dict (keys
+``encoder.patch_embed.proj.weight``, ``quantize.embedding.weight``, ...).
 """
 
 from __future__ import annotations
@@ -145,6 +151,12 @@ def _torch_state_dict(text: str) -> Dict[str, torch.Tensor]:
             obj = torch.load(text, map_location="cpu", weights_only=True)
     except Exception:
         obj = None
+    # A training checkpoint (BEiT v2's VQ-KD file: {"model": state_dict}): the restricted unpickler
+    # has already refused any non-primitive entry, so only the state dict is taken out.
+    for wrapper in ("model", "state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
     if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                        for k, v in obj.items()):
         raise ValueError(f"refusing {text}: not a state dict of tensors readable with torch.load(weights_only="
@@ -166,15 +178,35 @@ def _dalle_tokenizer(sd: Dict[str, torch.Tensor], text: str):
     return DallETokenizer(encoder)
 
 
+def _vqkd_tokenizer(sd: Dict[str, torch.Tensor], text: str):
+    from mae_scale.tokenizer_vqkd import VQKDEncoder, VQKDTokenizer, check_state_dict
+
+    try:
+        cfg = VQKDEncoder.config_from_state_dict(sd)
+        encoder = VQKDEncoder(**cfg)
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{text}: not a BEiT v2 VQ-KD state dict: {str(exc).splitlines()[0]}") from None
+    encoder.load_state_dict(check_state_dict(encoder, sd, text), strict=True)
+    return VQKDTokenizer(encoder)
+
+
+_NEITHER = ("neither a DALL-E dVAE encoder (no blocks.input.w) nor a BEiT v2 VQ-KD tokenizer (no "
+            "encoder.patch_embed.proj.weight + quantize.embedding.weight); other tokenizers are not implemented")
+
+
 def load_tokenizer(path: PathLike) -> Tokenizer:
-    """A tokenizer from a local file: ours (:meth:`PatchKMeansTokenizer.save`) or a DALL-E encoder.
+    """A tokenizer from a local file: ours (:meth:`PatchKMeansTokenizer.save`), a DALL-E encoder
+    or a BEiT v2 VQ-KD tokenizer.
 
     Supported: our patch k-means safetensors; a DALL-E dVAE encoder state dict (key
-    ``blocks.input.w`` present) as safetensors or as a ``.pth`` read with
-    ``torch.load(weights_only=True)``, loaded strictly (hyper-parameters read off the shapes; a
-    missing, unexpected or wrongly shaped key is a one-line ValueError naming it). Refused with a
-    one-line ValueError: URLs, missing files, pickled modules (DALL-E's ``encoder.pkl``: never
-    unpickled, the message gives the conversion), other files (BEiT-v2 VQ-KD is not implemented).
+    ``blocks.input.w`` present) or a BEiT v2 VQ-KD state dict (keys
+    ``encoder.patch_embed.proj.weight`` and ``quantize.embedding.weight``; its decoder and teacher
+    keys are ignored) as safetensors or as a ``.pth`` read with ``torch.load(weights_only=True)``
+    (a bare state dict, or one under ``"model"`` / ``"state_dict"`` as training checkpoints hold
+    it), loaded strictly (hyper-parameters read off the shapes; a missing, unexpected or wrongly
+    shaped key is a one-line ValueError naming it). Refused with a one-line ValueError: URLs,
+    missing files, pickled modules (DALL-E's ``encoder.pkl``: never unpickled, the message gives
+    the conversion), other files (other tokenizers are not implemented).
     """
     text = str(path)
     if "://" in text:
@@ -186,11 +218,14 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
         head = f.read(8)
     # Pickle protocol >= 2 starts with 0x80 (raw pickles, legacy torch.save); torch.save writes a zip.
     if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
+        from mae_scale.tokenizer_vqkd import is_vqkd_state_dict
+
         sd = _torch_state_dict(text)
-        if "blocks.input.w" not in sd:
-            raise ValueError(f"{text} is a state dict but not a DALL-E dVAE encoder (no blocks.input.w); "
-                             "BEiT-v2 VQ-KD encoders are not implemented")
-        return _dalle_tokenizer(sd, text)
+        if "blocks.input.w" in sd:
+            return _dalle_tokenizer(sd, text)
+        if is_vqkd_state_dict(sd):
+            return _vqkd_tokenizer(sd, text)
+        raise ValueError(f"{text} is a state dict but {_NEITHER}")
     from safetensors import safe_open
 
     try:
@@ -201,15 +236,18 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
     except Exception:  # any parse failure means: not a safetensors file
         raise ValueError(f"{text} is not a safetensors file; expected a tokenizer written by "
                          "`mae-scale tokenizer fit` (safetensors: codebook + metadata) or a DALL-E "
-                         "encoder state dict") from None
-    if "blocks.input.w" in names and meta.get("format") != FORMAT:
+                         "encoder or BEiT v2 VQ-KD state dict") from None
+    if meta.get("format") != FORMAT:
         from safetensors.torch import load_file
+        from mae_scale.tokenizer_vqkd import is_vqkd_state_dict
 
-        return _dalle_tokenizer(load_file(text), text)
+        if "blocks.input.w" in names:
+            return _dalle_tokenizer(load_file(text), text)
+        if is_vqkd_state_dict(names):
+            return _vqkd_tokenizer(load_file(text), text)
     if meta.get("format") != FORMAT or codebook is None:
-        raise ValueError(f"{text} is safetensors but neither a mae-scale patch k-means tokenizer (format="
-                         f"{meta.get('format')!r}) nor a DALL-E dVAE encoder state dict (no blocks.input.w); "
-                         "BEiT-v2 VQ-KD encoders are not implemented")
+        raise ValueError(f"{text} is safetensors but not a mae-scale patch k-means tokenizer (format="
+                         f"{meta.get('format')!r}), and {_NEITHER}")
     if meta.get("version") != VERSION:
         raise ValueError(f"{text}: tokenizer format version {meta.get('version')!r}, this code reads {VERSION!r}")
     patch_size = int(meta["patch_size"])
