@@ -49,6 +49,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def unit_pixels(images: torch.Tensor, patch_size: int, encoder: nn.Module) -> torch.Tensor:
+    """A tokenizer's view of the model's crop: ImageNet-normalized [B, 3, H, W] (H, W multiples of
+    `patch_size`) back to fp32 pixels in [0, 1] (clamped); moves `encoder` to the images' device."""
+    b, c, h, w = images.shape
+    if c != 3 or h % patch_size or w % patch_size:
+        raise ValueError(f"expected [B, 3, H, W] with H, W multiples of {patch_size}, got {tuple(images.shape)}")
+    dev = images.device
+    if next(encoder.parameters()).device != dev:
+        encoder.to(dev)
+    mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    return (images.float() * std + mean).clamp(0.0, 1.0)
+
+
 def map_pixels(x: torch.Tensor) -> torch.Tensor:
     """Pixels in [0, 1] -> [eps, 1 - eps], the dVAE's input range (logit-Laplace, eps 0.1)."""
     return (1 - 2 * LOGIT_LAPLACE_EPS) * x + LOGIT_LAPLACE_EPS
@@ -172,16 +186,9 @@ class DallETokenizer:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalized float [B, 3, H, W] (any device) -> Long [B, H/16, W/16] on that device."""
-        b, c, h, w = images.shape
+        x = unit_pixels(images, self.patch_size, self.encoder)
+        h, w = images.shape[-2:]
         p = self.patch_size
-        if c != 3 or h % p or w % p:
-            raise ValueError(f"expected [B, 3, H, W] with H, W multiples of {p}, got {tuple(images.shape)}")
-        dev = images.device
-        if next(self.encoder.parameters()).device != dev:
-            self.encoder.to(dev)
-        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-        x = (images.float() * std + mean).clamp(0.0, 1.0)
         size = (h // p * self._dvae_stride, w // p * self._dvae_stride)
         if (h, w) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae_scale.tokenizer_dalle import IMAGENET_MEAN, IMAGENET_STD
+from mae_scale.tokenizer_dalle import unit_pixels
 
 LN_EPS = 1.0e-6  # get_model_default_params: norm_layer=partial(nn.LayerNorm, eps=1e-6)
 HEAD_DIM = 64  # official VQ-KD encoders: ViT-B, 768 / 12 heads
@@ -310,15 +310,6 @@ class VQKDTokenizer:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """ImageNet-normalized float [B, 3, H, W] (any device) -> Long [B, H/p, W/p] on that device."""
-        b, c, h, w = images.shape
-        p = self.patch_size
-        if c != 3 or h % p or w % p:
-            raise ValueError(f"expected [B, 3, H, W] with H, W multiples of {p}, got {tuple(images.shape)}")
-        dev = images.device
-        if next(self.encoder.parameters()).device != dev:
-            self.encoder.to(dev)
-        mean = torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-        x = (images.float() * std + mean).clamp(0.0, 1.0)
-        with torch.autocast(device_type=dev.type, enabled=False):
+        x = unit_pixels(images, self.patch_size, self.encoder)
+        with torch.autocast(device_type=images.device.type, enabled=False):
             return self.encoder(x * 255.0 / 127.5 - 1.0)
