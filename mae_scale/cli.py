@@ -81,11 +81,11 @@ def _finetune(args: argparse.Namespace) -> int:
             result = evaluate_only(cfg, env)
         except WeightsError as exc:
             raise UserError(str(exc)) from None
+        shutdown_distributed()  # every rank is done; what is left is rank 0's file
         if env.is_main:
             out = Path(cfg.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             (out / "eval_only.json").write_text(json.dumps(result, indent=2, default=str))
-        shutdown_distributed()
         return 0
 
     def summary(result: dict) -> list[str]:
@@ -238,9 +238,18 @@ def entry() -> None:
     """The `mae-scale` console script and `python -m mae_scale`: `main`, then the exit.
 
     A run that started a process group leaves through `exit_process` (no interpreter
-    finalization, where gloo's threads can abort a finished run); `main` itself returns normally
-    for callers in-process (the SLURM job)."""
-    code = main()
+    finalization, where gloo's threads can abort a finished run), a crash too (its traceback
+    printed, status 1); `main` itself returns normally for callers in-process (the SLURM job)."""
+    try:
+        code = main()
+    except Exception:
+        distributed = sys.modules.get("mae_scale.distributed")
+        if distributed is None or not distributed.process_group_started():
+            raise
+        import traceback
+
+        traceback.print_exc()  # a crash in a distributed run: the traceback, then the same exit
+        code = 1
     distributed = sys.modules.get("mae_scale.distributed")  # imported only by verbs that may start one
     if distributed is not None and distributed.process_group_started():
         distributed.exit_process(code)

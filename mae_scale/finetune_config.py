@@ -89,18 +89,32 @@ class FinetuneConfig:
 
 
 def _manifest_classes(spec: str) -> Optional[int]:
-    """The class count the shards' manifest records, or None where there is no manifest to read
-    (remote or piped shards, a folder written by other tools): then labels are checked per batch."""
+    """The class count the shards' manifest records, or None where no manifest speaks for them
+    (remote or piped shards, a brace pattern naming tars the folder's manifest does not list, a
+    folder written by other tools): then labels are checked per batch."""
+    from braceexpand import braceexpand
+
     from data_pipeline.shards import MANIFEST_NAME, read_manifest
 
-    p = Path(spec.split("{", 1)[0]).parent if "{" in spec else Path(spec)
-    if p.is_dir() and not (p / MANIFEST_NAME).is_file():
+    if "://" in spec or spec.startswith("pipe:"):
         return None
-    if not p.is_dir() and p.name != MANIFEST_NAME:
+    names = None
+    if "{" in spec:
+        tars = [Path(u) for u in braceexpand(spec)]
+        if len({t.parent for t in tars}) != 1:
+            return None
+        p, names = tars[0].parent / MANIFEST_NAME, {t.name for t in tars}
+    else:
+        p = Path(spec)
+        p = p / MANIFEST_NAME if p.is_dir() else p
+    if p.suffix != ".json" or not p.is_file():
         return None
     try:
-        return int(read_manifest(p)["num_classes"])
-    except (OSError, ValueError, KeyError):
+        m = read_manifest(p)
+        if names is not None and not names <= {s["name"] for s in m["shards"]}:
+            return None
+        return int(m["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 

@@ -112,7 +112,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _tensors_of(_load_pth(path), path)
 
 
-SCRATCH_NAME = "init_consolidated.safetensors"
+SCRATCH_PREFIX = "init_consolidated."  # + a per-call id + ".safetensors", in the run directory
 
 
 def read_state_dict_once(path: str | Path, scratch_dir: str | Path | None) -> dict[str, torch.Tensor]:
@@ -120,40 +120,52 @@ def read_state_dict_once(path: str | Path, scratch_dir: str | Path | None) -> di
 
     Merging ZeRO shards reads every rank's optimizer partitions (for ViT-H, about 8 GB) and holds
     the merged model in memory; eight ranks of a node doing it at once multiply both by eight. So
-    in a multi-rank run rank 0 consolidates, writes the weights to `scratch_dir` (the run's own
-    directory, which every node sees), the others read that file, and rank 0 removes it once all
-    have. A failure on rank 0 is raised on every rank with the same message. Files are read by
+    in a multi-rank run rank 0 consolidates and writes the weights to a file of its own name in
+    `scratch_dir` (the run's directory, which every node sees; the name is new per call, so two
+    jobs sharing an output directory never read each other's), the others read it after rank 0
+    says it is complete, and rank 0 removes it once all have (or on any failure). Any rank's
+    failure is raised on every rank (never a rank left waiting in a collective). Files are read by
     every rank directly: they cost no more than the copy would. A collective: call on all ranks.
     """
     dist = torch.distributed
     path = Path(path)
     if not (path.is_dir() and scratch_dir is not None and dist.is_initialized() and dist.get_world_size() > 1):
         return read_state_dict(path)
+    import uuid
+
     from safetensors.torch import save_file
 
-    from mae_scale.distributed import barrier, broadcast_object
+    from mae_scale.distributed import any_rank, broadcast_object
 
-    scratch = Path(scratch_dir) / SCRATCH_NAME
-    state, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            state = read_state_dict(path)
-            scratch.parent.mkdir(parents=True, exist_ok=True)
-            partial = scratch.with_name(scratch.name + ".partial")
-            # clone: safetensors refuses tensors that share storage (views of one flat buffer)
-            save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(partial))
-            partial.replace(scratch)
-        except (WeightsError, OSError) as exc:
-            error = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
-    error = broadcast_object(error)
-    if error is not None:
-        raise WeightsError(error)
-    if state is None:
-        state = read_state_dict(scratch)
-    barrier()  # everyone has read it
-    if dist.get_rank() == 0:
-        scratch.unlink(missing_ok=True)
-    return state
+    rank0 = dist.get_rank() == 0
+    scratch, state, error = None, None, None
+    try:
+        if rank0:
+            try:
+                state = read_state_dict(path)
+                scratch = Path(scratch_dir) / f"{SCRATCH_PREFIX}{uuid.uuid4().hex}.safetensors"
+                scratch.parent.mkdir(parents=True, exist_ok=True)
+                # clone: safetensors refuses tensors that share storage (views of one flat buffer)
+                save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(scratch))
+            except Exception as exc:  # disk full, memory, a bad run dir: every rank must hear of it
+                error = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+        error, scratch = broadcast_object((error, scratch))
+        if error is not None:
+            raise WeightsError(error)
+        failed = None
+        if not rank0:
+            try:
+                state = read_state_dict(scratch)
+            except Exception as exc:
+                failed = f"rank {dist.get_rank()} could not read {scratch} written by rank 0 ({exc})"
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        if any_rank(failed is not None, device):  # also the barrier: everyone has read it, or not
+            raise WeightsError(failed or f"{path}: another rank could not read the consolidated weights "
+                                         f"from {scratch_dir}; see its message")
+        return state
+    finally:
+        if rank0 and scratch is not None:
+            scratch.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------- adapting

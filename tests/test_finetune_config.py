@@ -72,6 +72,20 @@ def test_shards_with_more_classes_than_the_model_are_refused_before_any_work(dig
     assert "\n" not in str(err.value)
 
 
+def test_brace_patterns_are_checked_against_the_manifest_only_when_it_lists_them(digits_shards):
+    import json
+
+    from mae_scale.finetune_config import _manifest_classes
+
+    train = digits_shards / "train"
+    names = [s["name"] for s in json.loads((train / "manifest.json").read_text())["shards"]]
+    first, last = names[0].rsplit("-", 1)[1][:-4], names[-1].rsplit("-", 1)[1][:-4]
+    listed = f"{train}/{names[0].rsplit('-', 1)[0]}-{{{first}..{last}}}.tar"
+    assert _manifest_classes(listed) == 10
+    assert _manifest_classes(f"{train}/other-{{000000..000001}}.tar") is None  # not this manifest's tars
+    assert _manifest_classes("pipe:cat x-{0..1}.tar") is None and _manifest_classes("https://h/x.tar") is None
+
+
 def test_unlabelled_shards_are_refused_for_finetuning(tmp_path, digits_shards):
     """Photos in one flat folder have no classes: fine-tuning on them is refused by name."""
     import shutil

@@ -210,7 +210,8 @@ def test_a_file_missing_an_encoder_key_is_refused(tmp_path):
 @pytest.mark.distributed
 def test_a_run_directory_is_consolidated_by_rank0_only_and_shared(small_shards, tmp_path):
     """Two ranks initializing from a run directory: one ZeRO merge (rank 0's), the same weights on
-    both (equal to a plain read), no scratch file left, and rank 0's refusal raised on both."""
+    both (equal to a plain read), no scratch file left, and a failure on either rank raised on both
+    (a hang here would time the test out)."""
     import json
     import subprocess
     import sys
@@ -231,6 +232,10 @@ def test_a_run_directory_is_consolidated_by_rank0_only_and_shared(small_shards, 
     from read_once_check import digest
 
     assert ranks[0]["digest"] == ranks[1]["digest"] == digest(plain) and ranks[0]["keys"] == len(plain)
-    assert ranks[0]["consolidations"] == [str(run), str(empty)] and ranks[1]["consolidations"] == []
-    assert not ranks[0]["scratch_left"] and not ranks[1]["scratch_left"] and not list(scratch.iterdir())
+    assert ranks[0]["consolidations"] == [str(run), str(empty), str(run)] and ranks[1]["consolidations"] == []
+    assert ranks[0]["scratch_left"] == ranks[1]["scratch_left"] == [] and not list(scratch.iterdir())
     assert ranks[0]["error"] == ranks[1]["error"] and str(empty) in ranks[0]["error"]
+    # rank 1 failing to read rank 0's file: both raise (rank 1 saying why), nothing left behind
+    assert "rank 1 could not read" in ranks[1]["read_error"] and "injected" in ranks[1]["read_error"]
+    assert "another rank could not read" in ranks[0]["read_error"]
+    assert ranks[0]["scratch_after_failure"] == []
