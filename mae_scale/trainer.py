@@ -138,12 +138,17 @@ class Pretrainer:
         if m.objective == "beit":
             from mae_scale.tokenizer import load_tokenizer
 
-            self.tokenizer = load_tokenizer(m.tokenizer)
+            from mae_scale.weights import WeightsError
+
+            try:
+                self.tokenizer = load_tokenizer(m.tokenizer)
+            except ValueError as exc:  # a file that is not a tokenizer: one line, before any step
+                raise WeightsError(f"model.tokenizer: {exc}") from None
             vocab = self.tokenizer.vocab_size
         model = build_mim(m.name, m.objective, img_size=size, vocab_size=vocab, layer_scale=m.layer_scale,
                           drop_path=m.drop_path, grad_checkpointing=m.grad_checkpointing)
         if self.tokenizer is not None and self.tokenizer.patch_size != model.patch_size:
-            raise ValueError(f"the tokenizer {m.tokenizer} works on {self.tokenizer.patch_size}-px patches but "
+            raise WeightsError(f"the tokenizer {m.tokenizer} works on {self.tokenizer.patch_size}-px patches but "
                              f"{m.name} has {model.patch_size}-px patches; fit one with --patch-size {model.patch_size}")
         self.num_patches = model.patch_embed.num_patches
         self.token_grid = tuple(model.patch_embed.grid_size)

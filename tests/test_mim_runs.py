@@ -122,3 +122,13 @@ def test_beit_without_a_tokenizer_is_refused_before_any_work(digits_shards, tmp_
     proc = cli("pretrain", "--config", str(BEIT), *digits_mim(digits_shards, tmp_path / "x"), check=False)
     assert proc.returncode == 2 and "tokenizer fit" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "x").exists()
+
+
+def test_a_file_that_is_no_tokenizer_ends_in_one_line_before_any_step(digits_shards, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(bytes(range(256)) * 4)
+    proc = cli("pretrain", "--config", str(BEIT), *digits_mim(digits_shards, tmp_path / "run", **{
+        "model.tokenizer": junk, "train.max_steps": 2}), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: model.tokenizer: {junk} is not a safetensors file")
+    assert "Traceback" not in proc.stderr and "step 1" not in proc.stdout
