@@ -48,7 +48,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Dict, Optional, Protocol, Union
+from typing import Callable, Dict, Optional, Protocol, Union
 
 import torch
 
@@ -165,29 +165,26 @@ def _torch_state_dict(text: str) -> Dict[str, torch.Tensor]:
     return obj
 
 
-def _dalle_tokenizer(sd: Dict[str, torch.Tensor], text: str):
-    from mae_scale.tokenizer_dalle import DallEEncoder, DallETokenizer, check_state_dict
+def _external_tokenizer(names, load_state_dict: Callable[[], Dict[str, torch.Tensor]], text: str):
+    """A DALL-E encoder or a BEiT v2 VQ-KD tokenizer, told apart by the file's key `names`, built
+    from `load_state_dict()` and loaded strictly; None when the keys are neither's."""
+    from mae_scale.tokenizer_vqkd import is_vqkd_state_dict
 
+    if "blocks.input.w" in names:
+        from mae_scale.tokenizer_dalle import DallEEncoder as Encoder, DallETokenizer as Wrapper, check_state_dict
+        what = "a DALL-E encoder"
+    elif is_vqkd_state_dict(names):
+        from mae_scale.tokenizer_vqkd import VQKDEncoder as Encoder, VQKDTokenizer as Wrapper, check_state_dict
+        what = "a BEiT v2 VQ-KD"
+    else:
+        return None
+    sd = load_state_dict()
     try:
-        cfg = DallEEncoder.config_from_state_dict(sd)
-        encoder = DallEEncoder(**cfg)
+        encoder = Encoder(**Encoder.config_from_state_dict(sd))
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"{text}: not a DALL-E encoder state dict: {str(exc).splitlines()[0]}") from None
-    check_state_dict(encoder, sd, text)
-    encoder.load_state_dict(sd, strict=True)
-    return DallETokenizer(encoder)
-
-
-def _vqkd_tokenizer(sd: Dict[str, torch.Tensor], text: str):
-    from mae_scale.tokenizer_vqkd import VQKDEncoder, VQKDTokenizer, check_state_dict
-
-    try:
-        cfg = VQKDEncoder.config_from_state_dict(sd)
-        encoder = VQKDEncoder(**cfg)
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"{text}: not a BEiT v2 VQ-KD state dict: {str(exc).splitlines()[0]}") from None
+        raise ValueError(f"{text}: not {what} state dict: {str(exc).splitlines()[0]}") from None
     encoder.load_state_dict(check_state_dict(encoder, sd, text), strict=True)
-    return VQKDTokenizer(encoder)
+    return Wrapper(encoder)
 
 
 _NEITHER = ("neither a DALL-E dVAE encoder (no blocks.input.w) nor a BEiT v2 VQ-KD tokenizer (no "
@@ -218,14 +215,11 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
         head = f.read(8)
     # Pickle protocol >= 2 starts with 0x80 (raw pickles, legacy torch.save); torch.save writes a zip.
     if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
-        from mae_scale.tokenizer_vqkd import is_vqkd_state_dict
-
         sd = _torch_state_dict(text)
-        if "blocks.input.w" in sd:
-            return _dalle_tokenizer(sd, text)
-        if is_vqkd_state_dict(sd):
-            return _vqkd_tokenizer(sd, text)
-        raise ValueError(f"{text} is a state dict but {_NEITHER}")
+        tokenizer = _external_tokenizer(sd, lambda: sd, text)
+        if tokenizer is None:
+            raise ValueError(f"{text} is a state dict but {_NEITHER}")
+        return tokenizer
     from safetensors import safe_open
 
     try:
@@ -239,12 +233,10 @@ def load_tokenizer(path: PathLike) -> Tokenizer:
                          "encoder or BEiT v2 VQ-KD state dict") from None
     if meta.get("format") != FORMAT:
         from safetensors.torch import load_file
-        from mae_scale.tokenizer_vqkd import is_vqkd_state_dict
 
-        if "blocks.input.w" in names:
-            return _dalle_tokenizer(load_file(text), text)
-        if is_vqkd_state_dict(names):
-            return _vqkd_tokenizer(load_file(text), text)
+        tokenizer = _external_tokenizer(names, lambda: load_file(text), text)
+        if tokenizer is not None:
+            return tokenizer
     if meta.get("format") != FORMAT or codebook is None:
         raise ValueError(f"{text} is safetensors but not a mae-scale patch k-means tokenizer (format="
                          f"{meta.get('format')!r}), and {_NEITHER}")

@@ -147,20 +147,33 @@ class DallEEncoder(nn.Module):
         return self.blocks(x.float())
 
 
-def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> None:
-    """One-line ValueError naming the first key that is missing, unexpected or of the wrong shape."""
+def shape_of(v) -> object:
+    """A value's shape for a message (its type's name when it is no tensor)."""
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def check_own_keys(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str, what: str) -> Dict[str, torch.Tensor]:
+    """Every key of `model`'s state dict is in `sd`, of its shape, finite floating point; else a
+    one-line ValueError naming the first that is not. Returns those entries (a strict load)."""
     own = model.state_dict()
     for k, v in own.items():
         if k not in sd:
-            raise ValueError(f"{where}: DALL-E encoder key {k} is missing")
+            raise ValueError(f"{where}: {what} key {k} is missing")
         if not isinstance(sd[k], torch.Tensor) or tuple(sd[k].shape) != tuple(v.shape):
-            shape = tuple(sd[k].shape) if isinstance(sd[k], torch.Tensor) else type(sd[k]).__name__
-            raise ValueError(f"{where}: DALL-E encoder key {k} has shape {shape}, expected {tuple(v.shape)}")
+            raise ValueError(f"{where}: {what} key {k} has shape {shape_of(sd[k])}, expected {tuple(v.shape)}")
         if not sd[k].is_floating_point() or not torch.isfinite(sd[k]).all():
-            raise ValueError(f"{where}: DALL-E encoder key {k} is not finite floating point")
-    extra = [k for k in sd if k not in own]
+            raise ValueError(f"{where}: {what} key {k} is not finite floating point")
+    return {k: sd[k] for k in own}
+
+
+def check_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
+    """One-line ValueError naming the first key that is missing, unexpected or of the wrong shape;
+    returns the entries :meth:`DallEEncoder.load_state_dict` takes (strict)."""
+    to_load = check_own_keys(model, sd, where, "DALL-E encoder")
+    extra = [k for k in sd if k not in to_load]
     if extra:
         raise ValueError(f"{where}: unexpected key {extra[0]} for a DALL-E encoder ({len(extra)} extra keys)")
+    return to_load
 
 
 class DallETokenizer:

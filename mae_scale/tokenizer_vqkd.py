@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae_scale.tokenizer_dalle import unit_pixels
+from mae_scale.tokenizer_dalle import check_own_keys, shape_of, unit_pixels
 
 LN_EPS = 1.0e-6  # get_model_default_params: norm_layer=partial(nn.LayerNorm, eps=1e-6)
 HEAD_DIM = 64  # official VQ-KD encoders: ViT-B, 768 / 12 heads
@@ -265,33 +265,22 @@ def _optional_shapes(model: VQKDEncoder) -> Dict[str, Tuple[int, ...]]:
             "quantize.embedding.initted": (1,), "quantize.cluster_size": (k,)}
 
 
-def _shape(v) -> object:
-    return tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-
-
 def check_state_dict(model: VQKDEncoder, sd: Mapping[str, torch.Tensor], where: str) -> Dict[str, torch.Tensor]:
     """One-line ValueError naming the first encoder-side key that is missing, unexpected or of the
     wrong shape; returns the entries :meth:`VQKDEncoder.load_state_dict` takes (strict)."""
-    own = model.state_dict()
-    for k, v in own.items():
-        if k not in sd:
-            raise ValueError(f"{where}: VQ-KD encoder key {k} is missing")
-        if not isinstance(sd[k], torch.Tensor) or tuple(sd[k].shape) != tuple(v.shape):
-            raise ValueError(f"{where}: VQ-KD encoder key {k} has shape {_shape(sd[k])}, expected {tuple(v.shape)}")
-        if not sd[k].is_floating_point() or not torch.isfinite(sd[k]).all():
-            raise ValueError(f"{where}: VQ-KD encoder key {k} is not finite floating point")
+    to_load = check_own_keys(model, sd, where, "VQ-KD encoder")
     optional = _optional_shapes(model)
     for k, shape in optional.items():
         if k in sd and (not isinstance(sd[k], torch.Tensor) or tuple(sd[k].shape) != shape):
-            raise ValueError(f"{where}: VQ-KD key {k} has shape {_shape(sd[k])}, expected {shape}")
+            raise ValueError(f"{where}: VQ-KD key {k} has shape {shape_of(sd[k])}, expected {shape}")
     initted = sd.get("quantize.embedding.initted")
     if isinstance(initted, torch.Tensor) and not bool(initted.reshape(-1)[0]):
         raise ValueError(f"{where}: quantize.embedding.initted is 0: the codebook was never initialized")
-    extra = [k for k in sd if k not in own and k not in optional and not k.startswith(IGNORED_PREFIXES)]
+    extra = [k for k in sd if k not in to_load and k not in optional and not k.startswith(IGNORED_PREFIXES)]
     if extra:
         raise ValueError(f"{where}: unexpected key {extra[0]} for a VQ-KD encoder ({len(extra)} unexpected keys; "
                          "only the mean-pooling ViT without layer-scale or relative position bias exists)")
-    return {k: sd[k] for k in own}
+    return to_load
 
 
 class VQKDTokenizer:
