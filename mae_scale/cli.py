@@ -12,9 +12,10 @@ from pathlib import Path
 
 
 def _train_and_report(build, summary) -> int:
-    """Build the trainer, run the loop, print where everything is. A weights file that does not fit
-    (`model.init`) and the two failures a user can act on end as one line; `summary(result)` gives
-    the verb's own lines of the report."""
+    """Build the trainer, run the loop, print where everything is, end the process group. A weights
+    file that does not fit (`model.init`) and the two failures a user can act on end as one line;
+    `summary(result)` gives the verb's own lines of the report."""
+    from mae_scale.distributed import shutdown_distributed
     from mae_scale.trainer import NonFiniteLossError
     from mae_scale.weights import WeightsError
 
@@ -43,6 +44,7 @@ def _train_and_report(build, summary) -> int:
         if result.get("mlflow_run_id"):
             print(f"  MLflow           {result['mlflow_uri']} (run {result['mlflow_run_id']}); "
                   f"browse with: mlflow ui --backend-store-uri {result['mlflow_uri']}")
+    shutdown_distributed()  # success only: a failure above may be one rank's, whose peers never reach it
     return 0
 
 
@@ -50,7 +52,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from mae_scale.config import load_config
 
     cfg = load_config(args.config, args.overrides)  # refused here, before any process group or data
-    from mae_scale.distributed import init_distributed, shutdown_distributed
+    from mae_scale.distributed import init_distributed
     from mae_scale.trainer import Pretrainer
 
     def summary(result: dict) -> list[str]:
@@ -60,10 +62,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         return lines
 
     env = init_distributed()
-    code = _train_and_report(lambda: Pretrainer(cfg, env), summary)  # model.init is read when built
-    if code == 0:  # a failure may be one rank's alone: no barrier the others would never reach
-        shutdown_distributed()
-    return code
+    return _train_and_report(lambda: Pretrainer(cfg, env), summary)  # model.init is read when built
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -95,10 +94,7 @@ def _finetune(args: argparse.Namespace) -> int:
                          f"last {result['last_acc1']:.2f}% (top-5 {result['last_acc5']:.2f}%)")
         return lines + [f"evaluations      {result['eval_log']}"]
 
-    code = _train_and_report(lambda: Finetuner(cfg, env), summary)
-    if code == 0:
-        shutdown_distributed()
-    return code
+    return _train_and_report(lambda: Finetuner(cfg, env), summary)
 
 
 def _make_shards(args: argparse.Namespace) -> int:
@@ -240,19 +236,21 @@ def entry() -> None:
     A run that started a process group leaves through `exit_process` (no interpreter
     finalization, where gloo's threads can abort a finished run), a crash too (its traceback
     printed, status 1); `main` itself returns normally for callers in-process (the SLURM job)."""
+    def in_process_group() -> bool:
+        distributed = sys.modules.get("mae_scale.distributed")  # imported only by verbs that may start one
+        return distributed is not None and distributed.process_group_started()
+
     try:
         code = main()
     except Exception:
-        distributed = sys.modules.get("mae_scale.distributed")
-        if distributed is None or not distributed.process_group_started():
+        if not in_process_group():
             raise
         import traceback
 
         traceback.print_exc()  # a crash in a distributed run: the traceback, then the same exit
         code = 1
-    distributed = sys.modules.get("mae_scale.distributed")  # imported only by verbs that may start one
-    if distributed is not None and distributed.process_group_started():
-        distributed.exit_process(code)
+    if in_process_group():
+        sys.modules["mae_scale.distributed"].exit_process(code)
     sys.exit(code)
 
 

@@ -133,8 +133,12 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on at least one (a collective: call it on all ranks)."""
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank when it is true on at least one (a collective: call it on all ranks).
+    `device`: where the backend communicates, by default this rank's GPU under nccl, else the CPU."""
+    if device is None:
+        nccl = torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

@@ -56,6 +56,7 @@ def load_classifier_init(model: torch.nn.Module, cfg: FinetuneConfig) -> dict:
 
 class Finetuner(Pretrainer):
     STEP_LOGS = ("metrics.jsonl", "eval.jsonl")
+
     def __init__(self, cfg: FinetuneConfig, env: DistEnv):
         self.probe = cfg.mode == "linprobe"
         self.last_eval_step = None

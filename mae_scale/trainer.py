@@ -137,7 +137,6 @@ class Pretrainer:
         self.tokenizer = None
         if m.objective == "beit":
             from mae_scale.tokenizer import load_tokenizer
-
             from mae_scale.weights import WeightsError
 
             try:
@@ -149,7 +148,7 @@ class Pretrainer:
                           drop_path=m.drop_path, grad_checkpointing=m.grad_checkpointing)
         if self.tokenizer is not None and self.tokenizer.patch_size != model.patch_size:
             raise WeightsError(f"the tokenizer {m.tokenizer} works on {self.tokenizer.patch_size}-px patches but "
-                             f"{m.name} has {model.patch_size}-px patches; fit one with --patch-size {model.patch_size}")
+                               f"{m.name} has {model.patch_size}-px patches; fit one with --patch-size {model.patch_size}")
         self.num_patches = model.patch_embed.num_patches
         self.token_grid = tuple(model.patch_embed.grid_size)
         return model

@@ -11,8 +11,8 @@ Three uses, one path (read -> adapt -> load):
 
 Sources: the official MAE release's `.pth` files (`{"model": state_dict, ...}`), a bare state-dict
 `.pth`, a `.safetensors` file from `mae-scale export`, or a mae-scale run / checkpoint directory
-(consolidated in memory; in a multi-rank run by rank 0 alone, see `read_state_dict_once`). Nothing is unpickled that could run code: `.pth` files are read with
-`weights_only=True`.
+(consolidated in memory; in a multi-rank run by rank 0 alone, see `read_state_dict_once`).
+Nothing is unpickled that could run code: `.pth` files are read with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def read_state_dict_once(path: str | Path, scratch_dir: str | Path | None) -> di
                 # clone: safetensors refuses tensors that share storage (views of one flat buffer)
                 save_file({k: v.detach().clone().contiguous() for k, v in state.items()}, str(scratch))
             except Exception as exc:  # disk full, memory, a bad run dir: every rank must hear of it
-                error = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+                error = str(exc)  # load_init names the path where the message does not
         error, scratch = broadcast_object((error, scratch))
         if error is not None:
             raise WeightsError(error)
@@ -158,8 +158,7 @@ def read_state_dict_once(path: str | Path, scratch_dir: str | Path | None) -> di
                 state = read_state_dict(scratch)
             except Exception as exc:
                 failed = f"rank {dist.get_rank()} could not read {scratch} written by rank 0 ({exc})"
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        if any_rank(failed is not None, device):  # also the barrier: everyone has read it, or not
+        if any_rank(failed is not None):  # also the barrier: everyone has read it, or not
             raise WeightsError(failed or f"{path}: another rank could not read the consolidated weights "
                                          f"from {scratch_dir}; see its message")
         return state
