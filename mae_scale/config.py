@@ -95,6 +95,14 @@ class TrainConfig:
     zero_stage: Literal[0, 1, 2, 3] = doc(1, "DeepSpeed ZeRO stage.")
     seed: int = doc(0, "Seed for weights, data order, augmentation and masks.")
     log_every_steps: int = doc(20, "Print and log metrics every this many optimizer steps.")
+    compile: Optional[bool] = doc(
+        None, "torch.compile every transformer block in place (parameter names and checkpoints unchanged). "
+        "null: on for CUDA at ZeRO 0-2; off on a CPU (compiling costs minutes there) and at ZeRO-3.")
+    prefetch: bool = doc(True, "Copy the next batch to the device (pinned host memory, non-blocking, on a side "
+                         "stream on CUDA) while the current step runs.")
+    peak_tflops: Optional[float] = doc(
+        None, "Peak dense bf16 TFLOP/s of one device, for MFU; null: looked up from the GPU's name (H100/H200, "
+        "A100, L40S, ...); MFU is left out on a CPU unless this is set.")
 
 
 @dataclass
@@ -112,6 +120,8 @@ class TrackingConfig:
     experiment: str = doc("mae-scale", "MLflow experiment name.")
     run_name: str = doc("", "MLflow run name (default: the output directory's name).")
     image_every_steps: int = doc(0, "Log a reconstruction picture every this many steps (0: at each epoch end).")
+    system_metrics: bool = doc(False, "Also record MLflow system metrics (CPU / GPU utilization, memory, every "
+                               "10 s) with the run.")
 
 
 @dataclass
@@ -338,6 +348,8 @@ def validate_training(cfg: Any, positive: dict | None = None, non_negative: dict
         raise ConfigError(f"optim.lr={o.lr} must be positive or null")
     if o.clip_grad is not None and o.clip_grad <= 0:
         raise ConfigError(f"optim.clip_grad={o.clip_grad} must be positive or null")
+    if t.peak_tflops is not None and not 0 < t.peak_tflops < float("inf"):
+        raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be a positive number or null (H100 SXM: 989)")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"train.micro_batch_size={t.micro_batch_size}")
