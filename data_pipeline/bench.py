@@ -5,6 +5,13 @@ same shards, with the same number of worker processes, side by side in one run.
 Per-core figures divide by the number of processes that do the work (workers, or 1 when the
 main process decodes). Each configuration is timed over whole passes of the shards; the table
 shows the median of the repeats and the ratio of the medians.
+
+``decode_device`` picks where the project's loader decodes (``make_loader(decode_device=...)``):
+``cpu`` in the workers, ``cuda`` batched with nvJPEG in the main process (the workers only read
+the JPEG headers and draw the crops), ``cpu-batched`` that batched path on the CPU. The official
+pipeline always decodes with PIL in the workers: it is the fixed reference. With ``cuda`` the
+main process does the decoding on the GPU, so "per core" still divides by the worker count (the
+CPU cores the loader occupies besides the trainer's own process).
 """
 
 from __future__ import annotations
@@ -62,33 +69,54 @@ def _time_pass(make_iter) -> tuple[int, float]:
     return count, time.perf_counter() - t0
 
 
+DECODE_DEVICES = ("cpu", "cuda", "cpu-batched")
+
+
+def _time_pass_synced(make_iter, device: str) -> tuple[int, float]:
+    """A pass whose clock stops only when the device has finished the last batch's decode."""
+    if device != "cuda":
+        return _time_pass(make_iter)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    count, _ = _time_pass(make_iter)
+    torch.cuda.synchronize()
+    return count, time.perf_counter() - t0
+
+
 def bench_data(shards: str, workers: int = 1, batch_size: int = 64, input_size: int = 224,
-               repeats: int = 3) -> dict:
+               repeats: int = 3, decode_device: str = "cpu") -> dict:
+    if decode_device not in DECODE_DEVICES:
+        raise ValueError(f"decode_device {decode_device!r} must be one of {', '.join(DECODE_DEVICES)}")
+    if decode_device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("decode_device 'cuda' needs a CUDA GPU, and torch sees none")
     torch.set_num_threads(1)  # one core per process, as in a real multi-worker loader
     shard_set = resolve_shards(shards)
     cores = max(workers, 1)
+    what = "decode_jpeg + crop-then-resize" if decode_device == "cpu" else f"batched decode_jpeg on {decode_device}"
+    ours = f"project ({what}, uint8)"
 
     def project():
-        return make_loader(shards, batch_size, num_workers=workers, input_size=input_size, epoch=0)
+        return make_loader(shards, batch_size, num_workers=workers, input_size=input_size, epoch=0,
+                           decode_device=decode_device)
 
     def official():
         return DataLoader(OfficialPipeline(shard_set.urls, input_size), batch_size=batch_size, num_workers=workers)
 
-    rates: dict[str, list[float]] = {"project (decode_jpeg + crop-then-resize, uint8)": [], "official MAE (PIL + torchvision, float)": []}
+    rates: dict[str, list[float]] = {ours: [], "official MAE (PIL + torchvision, float)": []}
     for _ in range(repeats):  # alternate the two so that machine noise hits both alike
         for name, make in zip(rates, (project, official)):
-            count, seconds = _time_pass(make)
+            count, seconds = _time_pass_synced(make, decode_device)
             rates[name].append(count / seconds)
     medians = {name: statistics.median(values) for name, values in rates.items()}
     base = medians["official MAE (PIL + torchvision, float)"]
     lines = [
         f"shards: {shard_set.total} samples in {len(shard_set.urls)} shards; workers: {workers}; "
-        f"batch {batch_size}; {input_size} px; median of {repeats} passes",
+        f"batch {batch_size}; {input_size} px; project decodes on {decode_device}; median of {repeats} passes",
         "| pipeline | images/s | images/s per core | x official |",
         "|---|---|---|---|",
     ]
     for name, rate in medians.items():
         lines.append(f"| {name} | {rate:.0f} | {rate / cores:.0f} | {rate / base:.2f} |")
     return {"medians": medians, "per_core": {k: v / cores for k, v in medians.items()},
-            "ratio": medians["project (decode_jpeg + crop-then-resize, uint8)"] / base,
+            "ratio": medians[ours] / base, "decode_device": decode_device,
             "workers": workers, "samples": shard_set.total, "table": "\n".join(lines)}

@@ -123,10 +123,14 @@ def _verify_shards(args: argparse.Namespace) -> int:
 
 
 def _bench_data(args: argparse.Namespace) -> int:
+    import torch
+
     from data_pipeline.bench import bench_data
 
+    if args.decode_device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--decode-device cuda needs a CUDA GPU and torch sees none; use cpu or cpu-batched")
     result = bench_data(args.shards, workers=args.workers, batch_size=args.batch, input_size=args.img_size,
-                        repeats=args.repeats)
+                        repeats=args.repeats, decode_device=args.decode_device)
     print(json.dumps({k: v for k, v in result.items() if k != "table"}) if args.json else result["table"])
     return 0
 
@@ -188,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=64)
     s.add_argument("--img-size", type=int, default=224)
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--decode-device", choices=["cpu", "cuda", "cpu-batched"], default="cpu",
+                   help="where the project's loader decodes: workers (cpu), batched nvJPEG (cuda), batched on the CPU")
     s.add_argument("--json", action="store_true")
     s.set_defaults(run=_bench_data)
 
