@@ -10,24 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
 
+from mae_scale.config_load import (ConfigError, apply_overrides, build, config_warning, deep_merge, doc,  # noqa: F401
+                                   read_preset, reference_markdown as _reference_rows)
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message is one line meant for the user."""
-
-
-def doc(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with its docstring kept in metadata (used for validation messages and the
-    generated config reference)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+SEED_RANGE = "[0, 4294967295]"  # numpy's SeedSequence takes no negatives; uint32 is the common seed space
 
 
 @dataclass
@@ -38,15 +30,18 @@ class ModelConfig:
         "(cross entropy on tokenizer ids of blockwise-masked patches).")
     name: str = doc("mae_vit_base_patch16", "mae: one of mae_scale.models.MODEL_NAMES; simmim / beit: an encoder "
                     "of mae_scale.models.VIT_ARCHS (vit_base_patch16, ...).")
-    mask_ratio: float = doc(0.75, "Share of patches (mae) or of mask cells (simmim: 0.6) hidden, in (0, 1).")
+    mask_ratio: float = doc(0.75, "Share of patches (mae) or of mask cells (simmim: 0.6) hidden.", range="(0, 1)")
     norm_pix_loss: bool = doc(True, "Regress per-patch normalized pixels (the paper's default).")
-    mask_patch_size: int = doc(32, "simmim: side of a mask cell in pixels (a multiple of the patch size).")
-    num_masking_patches: int = doc(75, "beit: patches masked per image, in blocks (BEiT: 75 of 196).")
-    min_block_patches: int = doc(16, "beit: smallest block of the blockwise mask, in patches.")
+    mask_patch_size: int = doc(32, "simmim: side of a mask cell in pixels (a multiple of the patch size).",
+                               range="[1, inf)")
+    num_masking_patches: int = doc(75, "beit: patches masked per image, in blocks (BEiT: 75 of 196).",
+                                   range="[1, inf)")
+    min_block_patches: int = doc(16, "beit: smallest block of the blockwise mask, in patches.", range="[1, inf)")
     tokenizer: str = doc("", "beit: the tokenizer file, local paths only: ours (`mae-scale tokenizer fit`), a DALL-E "
                          "dVAE encoder state dict, or a BEiT v2 VQ-KD checkpoint (.safetensors / weights-only .pth).")
-    layer_scale: float = doc(0.1, "simmim / beit: initial layer-scale value of every block (0: none).")
-    drop_path: float = doc(0.1, "simmim / beit: stochastic depth rate during pretraining.")
+    layer_scale: float = doc(0.1, "simmim / beit: initial layer-scale value of every block (0: none).",
+                              range="[0, inf)")
+    drop_path: float = doc(0.1, "simmim / beit: stochastic depth rate during pretraining.", range="[0, 1)")
     grad_checkpointing: bool = doc(False, "Recompute block activations in backward to save memory.")
     init: str = doc("", "Start from these weights instead of random ones (continued pretraining): a published MAE "
                     ".pth, an exported .safetensors, or a mae-scale run/checkpoint dir; a resumed run ignores it.")
@@ -59,13 +54,17 @@ class DataConfig:
         "WebDataset shards: a manifest.json, a shard directory, a brace pattern, or `builtin` "
         "(a small set of real photos made from packaged images, for smoke runs).",
     )
-    input_size: int = doc(224, "Side of the square crop fed to the model, in pixels.")
-    crop_scale_min: float = doc(0.2, "Smallest RandomResizedCrop area share (the paper: 0.2).")
-    num_workers: int = doc(8, "Decode/augment worker processes per rank (0 = in the main process).")
-    max_bad_fraction: float = doc(0.01, "Stop with an error when more than this share of samples is unreadable.")
+    input_size: int = doc(224, "Side of the square crop fed to the model, in pixels (a multiple of the patch size).",
+                           range="[1, inf)")
+    crop_scale_min: float = doc(0.2, "Smallest RandomResizedCrop area share (the paper: 0.2).", range="(0, 1]")
+    num_workers: int = doc(8, "Decode/augment worker processes per rank (0 = in the main process).",
+                           range="[0, inf)")
+    max_bad_fraction: float = doc(0.01, "Stop with an error when more than this share of samples is unreadable.",
+                                   range="[0, 1]")
     cache_dir: str = doc("", "Where `builtin` data is made (default: ~/.cache/mae-scale).")
     resampled: bool = doc(False, "Draw samples with replacement (random shards); epochs of `epoch_samples` samples.")
-    epoch_samples: Optional[int] = doc(None, "Samples per epoch over all ranks in resampled mode (None: the data set's size).")
+    epoch_samples: Optional[int] = doc(None, "Samples per epoch over all ranks in resampled mode (None: the data set's "
+                                        "size).", range="[1, inf)")
     decode_device: str = doc(
         "cpu", "Where JPEGs are decoded: `cpu` (in the workers), `cuda` (batched nvJPEG on the GPU, for when "
         "the CPU cores cannot keep up), or `cpu-batched` (the same batched path on the CPU).")
@@ -73,28 +72,33 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    blr: float = doc(1.5e-4, "Base learning rate; lr = blr x global_batch_size / 256.")
-    lr: Optional[float] = doc(None, "Absolute peak learning rate; overrides blr when set.")
-    min_lr: float = doc(0.0, "Learning rate at the end of the cosine.")
-    weight_decay: float = doc(0.05, "AdamW weight decay (never on biases, norms, tokens, position embeddings).")
-    betas: list = doc([0.9, 0.95], "AdamW betas.")
-    clip_grad: Optional[float] = doc(None, "Clip the global gradient norm to this value (None: no clipping).")
+    blr: float = doc(1.5e-4, "Base learning rate; lr = blr x global_batch_size / 256.", range="(0, inf)")
+    lr: Optional[float] = doc(None, "Absolute peak learning rate; overrides blr when set.", range="(0, inf)")
+    min_lr: float = doc(0.0, "Learning rate at the end of the cosine (at most the peak).", range="[0, inf)")
+    weight_decay: float = doc(0.05, "AdamW weight decay (never on biases, norms, tokens, position embeddings).",
+                               range="[0, inf)")
+    betas: list[float] = doc([0.9, 0.95], "AdamW betas (two numbers).", range="[0, 1)")
+    clip_grad: Optional[float] = doc(None, "Clip the global gradient norm to this value (None: no clipping).",
+                                      range="(0, inf)")
 
 
 @dataclass
 class TrainConfig:
-    global_batch_size: int = doc(4096, "Images per optimizer step across all ranks (effective batch).")
-    micro_batch_size: int = doc(64, "Images per rank per forward/backward.")
+    global_batch_size: int = doc(4096, "Images per optimizer step across all ranks (effective batch).",
+                                 range="[1, inf)")
+    micro_batch_size: int = doc(64, "Images per rank per forward/backward.", range="[1, inf)")
     grad_accum_steps: Optional[int] = doc(
-        None, "Micro-batches per optimizer step; derived from the batch sizes and world size when None."
-    )
-    epochs: int = doc(800, "Length of the schedule in epochs.")
-    warmup_epochs: float = doc(40, "Linear warmup, in epochs, before the half-cycle cosine.")
-    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps (the schedule still spans `epochs`).")
+        None, "Micro-batches per optimizer step; derived from the batch sizes and world size when None.",
+        range="[1, inf)")
+    epochs: int = doc(800, "Length of the schedule in epochs.", range="[1, inf)")
+    warmup_epochs: float = doc(40, "Linear warmup, in epochs, before the half-cycle cosine (at most train.epochs).",
+                                range="[0, inf)")
+    max_steps: Optional[int] = doc(None, "Stop after this many optimizer steps (the schedule still spans `epochs`).",
+                                    range="[1, inf)")
     precision: Literal["bf16", "fp32"] = doc("bf16", "Parameter and activation precision.")
     zero_stage: Literal[0, 1, 2, 3] = doc(1, "DeepSpeed ZeRO stage.")
-    seed: int = doc(0, "Seed for weights, data order, augmentation and masks.")
-    log_every_steps: int = doc(20, "Print and log metrics every this many optimizer steps.")
+    seed: int = doc(0, "Seed for weights, data order, augmentation and masks.", range=SEED_RANGE)
+    log_every_steps: int = doc(20, "Print and log metrics every this many optimizer steps.", range="[1, inf)")
     compile: Optional[bool] = doc(
         None, "torch.compile every transformer block in place (parameter names and checkpoints unchanged). "
         "null: on for CUDA at ZeRO 0-2; off on a CPU (compiling costs minutes there) and at ZeRO-3.")
@@ -102,13 +106,15 @@ class TrainConfig:
                          "stream on CUDA) while the current step runs.")
     peak_tflops: Optional[float] = doc(
         None, "Peak dense bf16 TFLOP/s of one device, for MFU; null: looked up from the GPU's name (H100/H200, "
-        "A100, L40S, ...); MFU is left out on a CPU unless this is set.")
+        "A100, L40S, ...); MFU is left out on a CPU unless this is set.", range="(0, inf)")
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = doc(1000, "Save a checkpoint every this many optimizer steps (and always at the end).")
-    keep_last: int = doc(2, "Complete checkpoints kept; older ones are deleted.")
+    every_steps: int = doc(1000, "Save a checkpoint every this many optimizer steps (and always at the end).",
+                            range="[1, inf)")
+    keep_last: int = doc(2, "Complete checkpoints kept, at least 2 (the newest may be damaged on disk: the one "
+                          "before is the fallback); older ones are deleted.", range="[2, inf)")
 
 
 @dataclass
@@ -119,7 +125,8 @@ class TrackingConfig:
     )
     experiment: str = doc("mae-scale", "MLflow experiment name.")
     run_name: str = doc("", "MLflow run name (default: the output directory's name).")
-    image_every_steps: int = doc(0, "Log a reconstruction picture every this many steps (0: at each epoch end).")
+    image_every_steps: int = doc(0, "Log a reconstruction picture every this many steps (0: at each epoch end).",
+                                  range="[0, inf)")
     system_metrics: bool = doc(False, "Also record MLflow system metrics (CPU / GPU utilization, memory, every "
                                "10 s) with the run.")
 
@@ -138,241 +145,93 @@ class PretrainConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Loading: YAML (with `base:` inheritance) + dotted overrides -> typed tree -> validation.
+# The generic part (YAML, types, finite floats, each field's range) is mae_scale.config_load; the
+# rules between fields and against this machine are here and in mae_scale.config_checks.
 
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin is typing.Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the field type `tp`; return it (ints widen to float)."""
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if origin is Literal:
-        if value in typing.get_args(tp) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}={value!r} is not allowed; use {_type_name(tp)}")
-    if tp is float and isinstance(value, str):
-        try:  # PyYAML (YAML 1.1) reads 1e-4 as text; people mean the number
-            return float(value)
-        except ValueError:
-            pass
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        list: isinstance(value, list),
-        dict: isinstance(value, dict),
-    }.get(tp)
-    if ok is None:
-        raise TypeError(f"unsupported config type {tp} for {key}")
-    if not ok:
-        raise ConfigError(f"{key}={value!r} has the wrong type; expected {_type_name(tp)}")
-    return float(value) if tp is float else value
-
-
-def _build(cls: type, data: dict, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys under {prefix.rstrip('.') or 'the top level'}: "
-                          + ", ".join(names))
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(data[name], tp, prefix + name)
-    return cls(**kwargs)
-
-
-def deep_merge(base: dict, top: dict) -> dict:
-    """`top` over `base`, recursing into mappings present in both."""
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def read_preset(path: str | os.PathLike) -> dict:
-    """The preset's mapping with its `base:` chain resolved (paths relative to the preset's folder)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a YAML preset such as "
-                          "configs/pretrain/mae_vit_tiny_smoke.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    base = data.pop("base", None)
-    if base:
-        data = deep_merge(read_preset(path.parent / base), data)
-    return data
-
-
-def apply_overrides(data: dict, overrides: list[str], cls: type | None = None) -> dict:
-    """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a nested mapping."""
-    data = dict(data)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value, e.g. train.max_steps=10")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            child = dict(child) if isinstance(child, dict) else {}
-            node[part] = child
-            node = child
-        node[parts[-1]] = value
-    return _keep_strings(data, cls or PretrainConfig, overrides)
-
-
-def _keep_strings(data: dict, cls: type, overrides: list[str]) -> dict:
-    """A value typed as str stays the raw text even if YAML reads it as a number (run_name=123)."""
-    for item in overrides:
-        key, raw = item.split("=", 1)
-        node, tp = data, cls
-        parts = key.split(".")
-        for part in parts[:-1]:
-            hints = typing.get_type_hints(tp) if dataclasses.is_dataclass(tp) else {}
-            tp = hints.get(part)
-            node = node.get(part, {})
-        hints = typing.get_type_hints(tp) if tp is not None and dataclasses.is_dataclass(tp) else {}
-        if hints.get(parts[-1]) is str and not isinstance(node.get(parts[-1]), str):
-            node[parts[-1]] = raw
-    return data
+Scope = Literal["run", "submit", "plan"]
+SCOPES = ("run", "submit", "plan")
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] = (), cls: type | None = None,
-                check: Any = None) -> Any:
+                check: Any = None, scope: Scope = "run") -> Any:
     """Preset + overrides -> a validated config of type `cls` (default PretrainConfig) checked by
-    `check` (default `validate`); raises ConfigError."""
+    `check(cfg, scope)` (default `validate`); raises ConfigError. `scope` says where the config is
+    checked: `run` (it runs on this machine: everything), `submit` (it runs elsewhere, e.g. a SLURM
+    job: all but this machine's devices), `plan` (nothing is read or written: the config alone)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope {scope!r} is not one of {SCOPES}")
     cls = cls or PretrainConfig
     data = read_preset(path) if path else {}
     data = apply_overrides(data, list(overrides), cls)
-    cfg = _build(cls, data, "")
-    (check or validate)(cfg)
+    cfg = build(cls, data)
+    (check or validate)(cfg, scope)
     return cfg
 
 
-def shards_exist(spec: str) -> bool:
-    if spec == "builtin" or "://" in spec or spec.startswith("pipe:"):
-        return True
-    if "{" in spec:  # brace pattern: check the folder it lives in
-        return Path(spec.split("{", 1)[0]).parent.is_dir()
-    return Path(spec).exists()
-
-
-def validate(cfg: PretrainConfig) -> None:
-    """Checks that need no world size. `check_batch_layout` runs once the world size is known."""
-    from mae_scale.models import MODEL_NAMES
+def validate(cfg: PretrainConfig, scope: Scope = "run") -> None:
+    """Every rule between fields, then what this machine must have (see `load_config`'s scope);
+    `check_batch_layout` runs once the world size is known."""
+    from mae_scale import config_checks as checks
 
     m, d = cfg.model, cfg.data
-    if m.objective == "mae" and m.name not in MODEL_NAMES:
-        raise ConfigError(f"model.name={m.name!r} is not an MAE model; use one of {', '.join(MODEL_NAMES)}")
+    patch = checks.model_patch_size(cfg)
     if m.objective != "mae":
-        _validate_mim(cfg)
-    if not 0.0 < m.mask_ratio < 1.0:
-        raise ConfigError(f"model.mask_ratio={m.mask_ratio} must be strictly between 0 and 1 (the paper: 0.75)")
+        _validate_mim(cfg, patch)
+    else:
+        patches = (d.input_size // patch) ** 2
+        if int(patches * (1 - m.mask_ratio)) < 1:
+            raise ConfigError(f"model.mask_ratio={m.mask_ratio} leaves no visible patch of the {patches} at "
+                              f"data.input_size={d.input_size}; lower it or use a larger input")
+    checks.check_objective_fields(cfg)
     if m.init and not Path(m.init).exists():
         raise ConfigError(f"model.init={m.init!r} does not exist; point it at a .pth/.safetensors file or a run directory")
-    if not shards_exist(d.train_shards):
-        raise ConfigError(f"data.train_shards={d.train_shards!r} does not exist; point it at shards written by "
-                          "`mae-scale make-shards`, or use `builtin`")
-    if not 0.0 < d.crop_scale_min <= 1.0:
-        raise ConfigError(f"data.crop_scale_min={d.crop_scale_min} must be in (0, 1]")
-    if d.decode_device not in ("cpu", "cpu-batched") and not d.decode_device.startswith("cuda"):
-        raise ConfigError(f"data.decode_device={d.decode_device!r} is not allowed; use cpu, cpu-batched or cuda")
-    if d.epoch_samples is not None and (not d.resampled or d.epoch_samples <= 0):
-        raise ConfigError(f"data.epoch_samples={d.epoch_samples} needs data.resampled=true and a positive count")
+    if d.epoch_samples is not None and not d.resampled:
+        raise ConfigError(f"data.epoch_samples={d.epoch_samples} needs data.resampled=true (or set it to null)")
     validate_training(cfg)
+    checks.check_decode_device(d.decode_device, here=scope == "run")
+    if scope != "plan":
+        checks.check_output_dir(cfg.output_dir)
+        if d.cache_dir or d.train_shards == "builtin":
+            checks.check_writable_dir("data.cache_dir", d.cache_dir or str(Path.home() / ".cache" / "mae-scale"))
+        size = checks.check_shards("data.train_shards", d.train_shards,
+                                   hint="shards written by `mae-scale make-shards`, or use `builtin`")
+        checks.check_epoch_holds_a_batch("data.train_shards", d.epoch_samples if d.resampled and d.epoch_samples else size,
+                                         cfg.train.global_batch_size)
 
 
-def validate_training(cfg: Any, positive: dict | None = None, non_negative: dict | None = None) -> None:
-    """The checks every run shares (pretraining, fine-tuning, probing): batch sizes, schedule, optimizer
-    numbers, checkpoints, workers; `positive` / `non_negative` add the caller's own fields."""
-    d, o, t, c = cfg.data, cfg.optim, cfg.train, cfg.checkpoint
-    positive = {
-        "data.input_size": d.input_size, "train.global_batch_size": t.global_batch_size,
-        "train.micro_batch_size": t.micro_batch_size, "train.epochs": t.epochs,
-        "train.log_every_steps": t.log_every_steps, "checkpoint.every_steps": c.every_steps,
-        "checkpoint.keep_last": c.keep_last, **(positive or {}),
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}={value} must be a positive integer")
-    for key, value in {"train.max_steps": t.max_steps, "train.grad_accum_steps": t.grad_accum_steps}.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"{key}={value} must be a positive integer or null")
-    if d.num_workers < 0:
-        raise ConfigError(f"data.num_workers={d.num_workers} must be >= 0")
-    if not 0.0 <= d.max_bad_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_fraction={d.max_bad_fraction} must be in [0, 1]")
-    if not 0 <= t.warmup_epochs <= t.epochs:
+def validate_training(cfg: Any) -> None:
+    """The rules between fields every run shares (pretraining, fine-tuning, probing): batch layout,
+    schedule, optimizer numbers, the raw DeepSpeed dict. Signs and ranges are the fields' own."""
+    from mae_scale import config_checks as checks
+
+    o, t = cfg.optim, cfg.train
+    if t.warmup_epochs > t.epochs:
         raise ConfigError(f"train.warmup_epochs={t.warmup_epochs} must be between 0 and train.epochs={t.epochs}")
-    if len(o.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas):
+    if len(o.betas) != 2:
         raise ConfigError(f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
-    non_negative = {"optim.blr": o.blr, "optim.min_lr": o.min_lr, "optim.weight_decay": o.weight_decay,
-                    **(non_negative or {})}
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key}={value} must be >= 0")
-    if o.lr is not None and o.lr <= 0:
-        raise ConfigError(f"optim.lr={o.lr} must be positive or null")
-    if o.clip_grad is not None and o.clip_grad <= 0:
-        raise ConfigError(f"optim.clip_grad={o.clip_grad} must be positive or null")
-    if t.peak_tflops is not None and not 0 < t.peak_tflops < float("inf"):
-        raise ConfigError(f"train.peak_tflops={t.peak_tflops} must be a positive number or null (H100 SXM: 989)")
     if t.global_batch_size % t.micro_batch_size:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
                           f"train.micro_batch_size={t.micro_batch_size}")
+    if t.grad_accum_steps is not None and t.global_batch_size % (t.micro_batch_size * t.grad_accum_steps):
+        raise ConfigError(f"train.grad_accum_steps={t.grad_accum_steps} does not fit: train.global_batch_size="
+                          f"{t.global_batch_size} is not a multiple of micro-batch {t.micro_batch_size} x "
+                          f"{t.grad_accum_steps}; set it to null (derived from the world size) or make it divide")
+    if o.min_lr > peak_lr(cfg):
+        raise ConfigError(f"optim.min_lr={o.min_lr} is above the peak learning rate {peak_lr(cfg):g} (optim.lr, or "
+                          "optim.blr x global batch / 256): the cosine would rise; lower optim.min_lr")
+    checks.check_deepspeed(cfg)
 
 
-def _validate_mim(cfg: PretrainConfig) -> None:
-    from mae_scale.models import VIT_ARCHS
-
+def _validate_mim(cfg: PretrainConfig, patch: int) -> None:
     m, d = cfg.model, cfg.data
-    if m.name not in VIT_ARCHS:
-        raise ConfigError(f"model.name={m.name!r} is not an encoder for objective {m.objective}; use one of "
-                          f"{', '.join(VIT_ARCHS)}")
-    patch = VIT_ARCHS[m.name].patch_size
-    if d.input_size % patch:
-        raise ConfigError(f"data.input_size={d.input_size} is not a multiple of the patch size {patch}")
     if m.objective == "simmim" and (m.mask_patch_size % patch or d.input_size % m.mask_patch_size):
         raise ConfigError(f"model.mask_patch_size={m.mask_patch_size} must be a multiple of the patch size {patch} "
                           f"and divide data.input_size={d.input_size}")
     if m.objective == "beit":
         tokens = (d.input_size // patch) ** 2
-        if not 0 < m.num_masking_patches < tokens or not 0 < m.min_block_patches <= m.num_masking_patches:
-            raise ConfigError(f"model.num_masking_patches={m.num_masking_patches} must be in (0, {tokens}) and "
-                              f"model.min_block_patches={m.min_block_patches} in (0, num_masking_patches]")
+        if not m.num_masking_patches < tokens or not m.min_block_patches <= m.num_masking_patches:
+            raise ConfigError(f"model.num_masking_patches={m.num_masking_patches} must be in [1, {tokens}) and "
+                              f"model.min_block_patches={m.min_block_patches} in [1, num_masking_patches]")
         if not m.tokenizer or not Path(m.tokenizer).is_file():
             raise ConfigError(f"model.tokenizer={m.tokenizer!r} is not a file; make one with `mae-scale tokenizer fit "
                               "SHARDS --vocab 8192 --out tok.safetensors` (or use a BEiT v2 VQ-KD .pth or a DALL-E "
@@ -380,8 +239,6 @@ def _validate_mim(cfg: PretrainConfig) -> None:
     if m.init:
         raise ConfigError(f"model.init is supported for objective mae only (continued MAE pretraining); "
                           f"remove it for objective {m.objective}")
-    if not 0.0 <= m.drop_path < 1.0 or m.layer_scale < 0:
-        raise ConfigError(f"model.drop_path={m.drop_path} must be in [0, 1) and model.layer_scale={m.layer_scale} >= 0")
 
 
 def check_batch_layout(cfg: PretrainConfig, world_size: int) -> int:
@@ -421,19 +278,14 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def save_config(cfg: PretrainConfig, path: Path) -> None:
+def save_config(cfg: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def reference_markdown(cls: type = PretrainConfig, prefix: str = "") -> list[str]:
-    """One markdown table row per field: the README's config reference is generated from this."""
-    rows = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            rows += reference_markdown(tp, f"{prefix}{f.name}.")
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        rows.append(f"| `{prefix}{f.name}` | {_type_name(tp)} | `{default!r}` | {f.metadata.get('help', '')} |")
-    return rows
+def reference_markdown(cls: type = PretrainConfig) -> list[str]:
+    """One markdown table row per field (type, range, default, meaning): the README's config
+    reference is generated from this."""
+    return _reference_rows(cls)
+
+
+from mae_scale.config_resume import ResumeChanges, check_resume, resume_changes  # noqa: E402,F401

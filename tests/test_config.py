@@ -1,5 +1,6 @@
 """The typed config: presets load, overrides apply, bad configs are refused with one line and exit 2."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,23 @@ SMOKE = ROOT / "configs/pretrain/mae_vit_tiny_smoke.yaml"
 HUGE = ROOT / "configs/pretrain/mae_vit_huge_patch14_800ep.yaml"
 
 
+def sized_manifest(folder: Path, total: int = 1_281_167, classes: int = 1000, shards: int = 4) -> Path:
+    """A shard folder whose manifest says ImageNet's size: what config checks read (they never open a
+    tar), so a preset's batch can be checked against an epoch without ImageNet on disk. The tars are
+    empty files: no test that uses this reads data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    per = [total // shards + (i < total % shards) for i in range(shards)]
+    entries = [{"name": f"train-{i:06d}.tar", "samples": n, "bytes": 0, "sha256": ""} for i, n in enumerate(per)]
+    for e in entries:
+        (folder / e["name"]).touch()
+    (folder / "manifest.json").write_text(json.dumps({
+        "format": "mae-scale-shards/1", "prefix": "train", "shards": entries, "total": total,
+        "num_classes": classes, "classes": [f"n{i:08d}" for i in range(classes)]}))
+    return folder
+
+
 def test_huge_preset_is_the_paper_recipe(tmp_path):
-    cfg = load_config(HUGE, [f"data.train_shards={tmp_path}"])
+    cfg = load_config(HUGE, [f"data.train_shards={sized_manifest(tmp_path)}"])
     assert cfg.model.name == "mae_vit_huge_patch14"
     assert cfg.model.mask_ratio == 0.75 and cfg.model.norm_pix_loss
     assert cfg.train.global_batch_size == 4096 and cfg.train.epochs == 800 and cfg.train.warmup_epochs == 40
@@ -25,8 +41,9 @@ def test_huge_preset_is_the_paper_recipe(tmp_path):
 
 
 def test_inherited_presets_change_only_what_they_say(tmp_path):
-    large = load_config(ROOT / "configs/pretrain/mae_vit_large_patch16_800ep.yaml", [f"data.train_shards={tmp_path}"])
-    base = load_config(ROOT / "configs/pretrain/mae_vit_base_patch16_1600ep.yaml", [f"data.train_shards={tmp_path}"])
+    shards = sized_manifest(tmp_path)
+    large = load_config(ROOT / "configs/pretrain/mae_vit_large_patch16_800ep.yaml", [f"data.train_shards={shards}"])
+    base = load_config(ROOT / "configs/pretrain/mae_vit_base_patch16_1600ep.yaml", [f"data.train_shards={shards}"])
     assert large.model.name == "mae_vit_large_patch16" and large.train.epochs == 800
     assert base.model.name == "mae_vit_base_patch16" and base.train.epochs == 1600
     assert base.optim.blr == large.optim.blr == 1.5e-4 and base.train.global_batch_size == 4096
@@ -61,7 +78,7 @@ def test_batch_layout_checks_world_size():
     assert check_batch_layout(cfg, 2) == 3
     with pytest.raises(ConfigError, match="world size 4"):
         check_batch_layout(cfg, 4)
-    cfg = load_config(SMOKE, ["train.grad_accum_steps=5"])
+    cfg = load_config(SMOKE, ["train.grad_accum_steps=1"])  # 32 = 16 x 1 x world 2: fits a world of 2, not of 1
     with pytest.raises(ConfigError, match="grad_accum_steps"):
         check_batch_layout(cfg, 1)
 

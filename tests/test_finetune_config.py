@@ -12,8 +12,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
-def shards(small_shards):
-    return [f"data.train_shards={small_shards}", f"data.val_shards={small_shards}"]
+def shards(tmp_path):
+    """ImageNet-sized labelled shards as the config checks see them (a manifest; no tar is read): the
+    presets' batches of 1024 and 16384 fit their epoch."""
+    from test_config import sized_manifest
+
+    return [f"data.train_shards={sized_manifest(tmp_path / 'train')}",
+            f"data.val_shards={sized_manifest(tmp_path / 'val', total=50_000)}"]
 
 
 @pytest.mark.parametrize("preset,mode,expected", [
