@@ -294,8 +294,47 @@ def submit(args: argparse.Namespace) -> int:
 
 # -- status -------------------------------------------------------------------------------------
 
-def status_report(run_dir: Path) -> str:
-    from mae_scale.checkpoint import latest_checkpoint, read_marker
+def _checkpoint_lines(run_dir: Path, verify: bool) -> tuple[list[str], bool]:
+    """Lines about the run's checkpoints (newest complete, damaged ones, those moved aside) and
+    whether any is damaged. Sizes are always checked; checksums only with `verify` (they re-read
+    every file: seconds per GB)."""
+    from mae_scale.checkpoint import DAMAGED_PREFIX, complete_checkpoints, read_marker
+    from mae_scale.checkpoint_integrity import check_files, describe_error
+
+    root = run_dir / "checkpoints"
+    lines, damaged, newest_ok = [], False, None
+    for _, ckpt in reversed(complete_checkpoints(root)):
+        try:
+            marker = read_marker(ckpt)
+            problems = check_files(ckpt, marker, checksums=verify)
+        except (OSError, ValueError) as exc:
+            marker, problems = None, [f"{ckpt / 'COMPLETE'} cannot be read ({describe_error(exc)})"]
+        if problems:
+            damaged = True
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            lines.append(f"damaged checkpoint {ckpt.name}: {problems[0]}{more}; the next start moves it aside "
+                         "and resumes from the one before")
+        elif newest_ok is None:
+            newest_ok = (ckpt, marker)
+    if newest_ok is None:
+        lines.insert(0, "newest complete checkpoint: none yet" if not damaged else
+                     "newest complete checkpoint: none intact")
+    else:
+        ckpt, marker = newest_ok
+        saved = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(marker['time'])) if marker.get('time') else '?'
+        checked = "checksums verified" if verify and marker.get("files") else (
+            "sizes checked; --verify for checksums" if marker.get("files") else "written before checksums were recorded")
+        lines.insert(0, f"newest complete checkpoint: {ckpt} (step {marker.get('step')}, world size "
+                        f"{marker.get('world_size')}, ZeRO-{marker.get('zero_stage')}, saved {saved}; {checked})")
+    for moved in sorted(root.glob(DAMAGED_PREFIX + "*")) if root.is_dir() else []:
+        reason = (moved / "DAMAGED.txt").read_text().strip() if (moved / "DAMAGED.txt").is_file() else "?"
+        lines.append(f"moved aside as damaged: {moved.name} ({reason})")
+    return lines, damaged
+
+
+def status_report(run_dir: Path, verify: bool = False) -> tuple[str, bool]:
+    """The report and whether a complete checkpoint of the run is damaged."""
+    from mae_scale.runlock import read_holder, describe_holder
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -319,26 +358,24 @@ def status_report(run_dir: Path) -> str:
                          f"{str(a.get('host', '?')):16}  {a.get('mlflow_run_id') or '-'}")
     else:
         lines.append("no attempts recorded yet (the job has not started training)")
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        lines.append("newest complete checkpoint: none yet")
-    else:
-        marker = read_marker(latest)
-        lines.append(f"newest complete checkpoint: {latest} (step {marker.get('step')}, world size "
-                     f"{marker.get('world_size')}, ZeRO-{marker.get('zero_stage')}, saved "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(marker['time'])) if marker.get('time') else '?'})")
+    holder = read_holder(run_dir)
+    if holder:
+        lines.append(f"run directory last taken by {describe_holder(holder)}")
+    ckpt_lines, damaged = _checkpoint_lines(run_dir, verify)
+    lines += ckpt_lines
     result = run_dir / "result.json"
     if result.is_file():
         try:
             lines.append(f"finished: {json.loads(result.read_text()).get('steps')} steps")
         except json.JSONDecodeError:
             pass
-    return "\n".join(lines)
+    return "\n".join(lines), damaged
 
 
 def status(args: argparse.Namespace) -> int:
-    print(status_report(Path(args.run_dir)))
-    return 0
+    report, damaged = status_report(Path(args.run_dir), verify=getattr(args, "verify", False))
+    print(report)
+    return 1 if damaged else 0
 
 
 # -- argparse wiring ----------------------------------------------------------------------------
@@ -377,6 +414,8 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
 def add_status_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("status", help="attempts history and newest checkpoint of a run directory")
     p.add_argument("run_dir")
+    p.add_argument("--verify", action="store_true",
+                   help="also re-read every checkpoint file against its checksum (exit 1 if one is damaged)")
     p.set_defaults(run=status)
     return p
 

@@ -11,6 +11,14 @@ files, so a kill while pruning never leaves a half-deleted checkpoint that looks
 Loading never executes code from the files: DeepSpeed's own loader uses `weights_only=False`, so
 the engine's checkpoint engine is replaced by one that loads with `weights_only=True` and allows
 only the plain DeepSpeed value types its checkpoints hold.
+
+Damage (mae_scale/checkpoint_integrity.py): the marker records every file's size and CRC-32, and
+`resume` checks them before DeepSpeed reads a byte. A checkpoint that fails its check, or fails to
+load, is renamed to `damaged_step_...` (never deleted; the scanners ignore it) and the previous
+complete one is tried; only when none loads does the run stop, in one line. A save that fails
+(full disk, I/O error) on any rank removes its partial folder, leaves the previous checkpoint as
+the newest, and raises `CheckpointSaveError` on every rank: the run stops (a retry at the next
+cadence would keep training on steps no checkpoint can hold, and a full disk rarely frees itself).
 """
 
 from __future__ import annotations
@@ -24,11 +32,22 @@ from typing import Any, Optional
 
 import torch
 
-from mae_scale.distributed import barrier
-from mae_scale.faults import kill_if_armed
+from mae_scale.checkpoint_integrity import (CHECKSUM, SaveRecord, all_gather, check_collective, describe_error,
+                                            install_save_hook, manifest)
+from mae_scale.distributed import any_rank, barrier, broadcast_object
+from mae_scale.faults import enospc_if_armed, kill_if_armed
 
 MARKER = "COMPLETE"
 TAG_PREFIX = "step_"
+DAMAGED_PREFIX = "damaged_"  # a checkpoint moved aside: not step_*, so no scanner takes or deletes it
+
+
+class CheckpointError(Exception):
+    """No checkpoint of the run can be loaded (one line; the run must not restart from step 0)."""
+
+
+class CheckpointSaveError(Exception):
+    """A checkpoint could not be written (one line); the previous complete one is intact."""
 
 
 def tag_for(step: int) -> str:
@@ -132,23 +151,66 @@ class CheckpointManager:
         barrier()
 
     def save(self, engine, step: int, client_state: dict, world_size: int) -> Path:
+        """Write a checkpoint of `step` (every rank). On any rank's failure to write it, every rank
+        raises CheckpointSaveError after rank 0 has removed the partial folder."""
         tag = tag_for(step)
         path = self.root / tag
+        error = None
         if self.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if path.exists():  # a cut-off earlier save of this very step
-                shutil.rmtree(path)
-        barrier()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        barrier()
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if path.exists():  # a cut-off earlier save of this very step
+                    shutil.rmtree(path)
+                path.mkdir()  # here, where a failure is caught on rank 0 before any collective
+            except OSError as exc:
+                error = describe_error(exc)
+        if any_rank(error is not None):  # also the barrier before the save
+            self._fail_save(path, step, broadcast_object(error))
+        install_save_hook(engine)
+        engine._mae_save_record = record = SaveRecord(step)
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        except Exception as exc:
+            # DeepSpeed's own writes: its last one (rank 0 copying zero_to_fp32.py) comes after every
+            # collective but the closing barrier, which this rank now stands in for. The files
+            # themselves never raise here: the hook turns their errors into record.error.
+            record.error = record.error or describe_error(exc)
+            barrier()
+        finally:
+            engine._mae_save_record = None
+        records = all_gather((record.error, record.files))  # every rank's verdict and hashes
+        failed = [e for e, _ in records if e is not None]
+        if failed:
+            self._fail_save(path, step, failed[0])
         kill_if_armed("save", step)  # tests: a kill after the files, before the marker
+        error = None
         if self.is_main:
             marker = {"step": step, "world_size": world_size, "time": time.time(),
-                      "epoch": client_state.get("epoch"), "zero_stage": engine.zero_optimization_stage()}
-            _fsync_write(path / MARKER, json.dumps(marker))
+                      "epoch": client_state.get("epoch"), "zero_stage": engine.zero_optimization_stage(),
+                      "checksum": CHECKSUM}
+            try:
+                marker["files"] = manifest(path, [files for _, files in records])
+                enospc_if_armed("marker_enospc", step, str(path / MARKER))
+                _fsync_write(path / MARKER, json.dumps(marker))
+            except OSError as exc:
+                error = describe_error(exc)
+        if any_rank(error is not None):
+            self._fail_save(path, step, broadcast_object(error))
+        if self.is_main:
             self._prune()
         barrier()
         return path
+
+    def _fail_save(self, path: Path, step: int, reason: str) -> None:
+        """Every rank: remove the partial checkpoint (rank 0), then raise one line saying what to do."""
+        if self.is_main:
+            shutil.rmtree(path, ignore_errors=True)  # marker (and its .tmp) included: never half-complete
+        barrier()
+        previous = complete_checkpoints(self.root)
+        resume = (f"run the same command to resume from step {previous[-1][0]}" if previous
+                  else "run the same command to start again (no earlier checkpoint exists)")
+        raise CheckpointSaveError(f"could not write checkpoint {path.name} ({reason}): free space on "
+                                  f"{self.root.resolve()} (or fix the disk), then {resume}")
 
     def _prune(self) -> None:
         found = complete_checkpoints(self.root)
@@ -173,3 +235,63 @@ class CheckpointManager:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
         return client_state or {}
+
+    def resume(self, engine) -> Optional[tuple[Path, dict]]:
+        """Load the newest complete checkpoint that passes its check and loads; returns (its folder,
+        the client state), or None when the run has no checkpoint at all. A collective.
+
+        Checksums are checked before DeepSpeed reads the files, so damaged bytes are never loaded.
+        A checkpoint that fails (on any rank) is moved aside to `damaged_step_...` and the previous
+        one is tried; loading it overwrites whatever a half-done load left in the engine (module
+        weights and optimizer state are loaded wholesale). No loadable checkpoint while checkpoints
+        exist raises CheckpointError (never a silent restart from step 0)."""
+        listed = [d.name for _, d in complete_checkpoints(self.root)] if self.is_main else None
+        candidates = [self.root / name for name in reversed(broadcast_object(listed))]  # rank 0's view, newest first
+        tried = []
+        for ckpt_dir in candidates:
+            problems = check_collective(ckpt_dir)
+            if not problems:
+                state, error = None, None
+                try:
+                    state = self.load(engine, ckpt_dir)
+                except Exception as exc:  # truncated zip, refused pickle, DeepSpeed shape errors ...
+                    error = f"it could not be loaded ({describe_error(exc)})"
+                errors = [e for e in all_gather(error) if e is not None]
+                if not errors:
+                    return ckpt_dir, state
+                problems = errors[:1]
+            reason = problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+            moved = self._move_aside(ckpt_dir, reason)
+            if self.is_main:
+                print(f"checkpoint {ckpt_dir.name} is damaged: {reason}; moved it to {moved}, "
+                      "trying the one before it", flush=True)
+            tried.append(f"{ckpt_dir.name}: {reason}")
+        damaged = sorted(p.name for p in self.root.glob(DAMAGED_PREFIX + "*")) if self.root.is_dir() else []
+        if tried:
+            raise CheckpointError(f"no checkpoint in {self.root} could be loaded ({'; '.join(tried)}); all were moved "
+                                  f"to {DAMAGED_PREFIX}step_* and nothing was deleted: restore an intact copy as "
+                                  "checkpoints/step_*, or move them away to start from step 0")
+        if damaged:
+            raise CheckpointError(f"{self.root} holds only checkpoints moved aside as damaged ({', '.join(damaged)}); "
+                                  "restore an intact copy as checkpoints/step_*, or move them away to start from step 0")
+        return None
+
+    def _move_aside(self, ckpt_dir: Path, reason: str) -> str:
+        """Rank 0 renames a damaged checkpoint to damaged_step_* (with the reason inside); all wait.
+        Returns the new name (or why it could not be moved: it is then checked again next start)."""
+        moved = None
+        if self.is_main:
+            target = ckpt_dir.with_name(DAMAGED_PREFIX + ckpt_dir.name)
+            n = 1
+            while target.exists():  # damaged twice at the same step (after a later rerun)
+                n += 1
+                target = ckpt_dir.with_name(f"{DAMAGED_PREFIX}{ckpt_dir.name}.{n}")
+            try:
+                os.replace(ckpt_dir, target)
+                moved = f"checkpoints/{target.name}"
+                (target / "DAMAGED.txt").write_text(reason + "\n")
+            except OSError as exc:
+                moved = moved or f"nowhere ({describe_error(exc)})"
+        moved = broadcast_object(moved)
+        barrier()
+        return moved

@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 
 from mae_scale.checkpoint import MARKER, _safe_globals, latest_checkpoint, read_marker, safe_torch_load
+from mae_scale.checkpoint_integrity import check_files, describe_error
 
 MODEL_STATES = "mp_rank_00_model_states.pt"  # ZeRO 0-2: one file with the (rank-0) module states
 # MAE's pretraining-only tensors: what `--with-decoder` keeps and the default drops.
@@ -59,6 +60,22 @@ def resolve_checkpoint(src: str | Path) -> Path:
         raise _user_error(f"{src} has no complete checkpoint (no checkpoints/step_*/{MARKER}); "
                           "pass a run directory that has saved one, or a step_* folder with its marker")
     return ckpt
+
+
+def intact_marker(ckpt: Path) -> dict:
+    """The checkpoint's marker, after checking every file against the sizes and checksums it
+    records (damaged bytes must not be exported); one line naming the first bad file otherwise."""
+    try:
+        marker = read_marker(ckpt)
+    except (OSError, ValueError) as exc:
+        raise _user_error(f"{ckpt / MARKER} cannot be read ({describe_error(exc)}); the checkpoint is damaged: "
+                          "export an earlier checkpoints/step_* folder") from None
+    problems = check_files(ckpt, marker)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise _user_error(f"{problems[0]}{more}; the checkpoint {ckpt.name} is damaged: export an earlier "
+                          "checkpoints/step_* folder, or restore this one from a copy")
+    return marker
 
 
 def _run_config(ckpt: Path) -> dict:
@@ -171,7 +188,7 @@ def _restore_sincos_tables(state: dict[str, torch.Tensor], config: dict) -> None
 def consolidate(src: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Full fp32 state dict of a run's newest checkpoint (or of one checkpoint) + facts about it."""
     ckpt = resolve_checkpoint(src)
-    marker = read_marker(ckpt)
+    marker = intact_marker(ckpt)
     config = _run_config(ckpt)
     stage = marker.get("zero_stage")
     if stage is None:  # markers written before the stage was recorded: the files say it
