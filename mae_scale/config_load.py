@@ -91,13 +91,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges are overridden on purpose
                 continue
             key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
             try:
-                line = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.get(key)
+                seen.setdefault(key, line)
             except TypeError:  # an unhashable key: the base loader reports it
                 continue
-            if line != key_node.start_mark.line + 1:
-                raise _DuplicateKey(f"key {key!r} appears twice (lines {line} and {key_node.start_mark.line + 1}); "
-                                    "keep one")
+            if first is not None:
+                raise _DuplicateKey(f"key {key!r} appears twice (lines {first} and {line}); keep one")
         return super().construct_mapping(node, deep=deep)
 
 
