@@ -2,8 +2,11 @@
 
 A run is a YAML preset (which may name a `base:` preset to inherit from) plus dotted `key=value`
 overrides. Everything is checked when it is loaded, before any work starts: unknown keys, wrong
-types, values out of range. A bad config raises `ConfigError` whose message is one line naming
-the field and what is allowed; the CLI prints it and exits with status 2.
+types, non-finite floats and values out of a field's declared range (`mae_scale.config_load`), the
+rules between fields (here), what the machine and the data must offer (`mae_scale.config_checks`).
+A bad config raises `ConfigError` whose message is one line naming the field and what is allowed;
+the CLI prints it and exits with status 2. What a resume may change: `mae_scale.config_resume`
+(`check_resume`, re-exported here).
 """
 
 from __future__ import annotations
