@@ -8,6 +8,9 @@ Knows nothing about models or DeepSpeed. The pieces:
 - ``augment``: fast JPEG decode + MAE RandomResizedCrop/flip, uint8 out (normalise on device);
   ``decode_batch``: the batched (nvJPEG) decode behind ``make_loader(decode_device=...)``.
 - ``samples``: tiny real-photo data sets made offline, for demos and tests.
+- ``shard_read``: reading one shard so that its damage costs its samples, never the run;
+  ``loader_guard``: a killed loader worker as one ``LoaderWorkerDied`` line; ``errors``: the
+  one-line errors (``TooManyBadSamples``, ``LoaderWorkerDied``, ``DataInputError``).
 """
 
 from .augment import (
@@ -19,12 +22,15 @@ from .augment import (
     decode_batch,
     decode_rgb,
 )
+from .errors import DataInputError, LoaderWorkerDied, TooManyBadSamples
 from .samples import builtin_shards, make_sample_folder
 from .shards import MANIFEST_FORMAT, read_manifest, verify_shards, write_shards
-from .stream import ShardLoader, ShardSet, TooManyBadSamples, make_loader, resolve_shards
+from .stream import ShardLoader, ShardSet, make_loader, resolve_shards
 
 __all__ = [
     "BadImage",
+    "DataInputError",
+    "LoaderWorkerDied",
     "DEFAULT_MAX_PIXELS",
     "MANIFEST_FORMAT",
     "MAEAugment",

@@ -12,9 +12,10 @@ remainder, no refill of bad samples, and ranks may end with different batch coun
    run touches and reads every sample once (earlier members of its first shard are passed over
    without reading their data).
 4. Batches. A worker fills batches with the good samples of its run, in order. Bad samples
-   (undecodable, empty, too large, no image member, non-integer ``.cls``, a shard shorter than
-   its manifest says) are skipped and counted by kind in ``loader.bad_counts``; a batch after a
-   bad sample may be short. DataLoader takes the workers' batches round robin, so the batch
+   (undecodable, empty, too large, no image member, non-integer ``.cls``, an unsafe tar member,
+   a shard shorter than its manifest says, and every sample of a missing, unreadable or
+   truncated shard: ``shard_read.py``) are skipped and counted by kind in ``loader.bad_counts``;
+   a batch after a bad sample may be short. A damaged shard is logged once, with its path. DataLoader takes the workers' batches round robin, so the batch
    order is deterministic (positional within each worker).
 
 Because ranks may yield different numbers of batches, gather metrics after the loop (sum of
@@ -30,11 +31,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import gopen
 
 from .augment import BadImage
-from .stream import ShardSet, image_and_label, resolve_shards
-from .tario import iter_tar_samples
+from .loader_guard import guard_workers
+from .shard_read import SHARD_KINDS, ShardProblem, image_and_label, read_shard, warn_shard_once
+from .shardset import ShardSet, resolve_shards
 
 __all__ = ["make_eval_loader", "EvalLoader", "split_range"]
 
@@ -78,25 +79,19 @@ class EvalStream(IterableDataset):
         info = get_worker_info()
         yield from self._worker(info.id if info is not None else 0)
 
-    def _read(self, lo: int, hi: int) -> Iterator[tuple[str | None, dict | None]]:
-        """(key, members) for positions lo..hi-1 in order; (None, None) for positions a shard
-        does not have although its manifest count says so."""
+    def _read(self, lo: int, hi: int,
+              problems: list[ShardProblem]) -> Iterator[tuple[str | None, object]]:
+        """(key, members) for positions lo..hi-1 in order; (None, BadImage) for positions a
+        shard could not give (damaged, or shorter than its manifest says: shard_read.py)."""
         for shard, url in enumerate(self.ss.urls):
             s, e = self.starts[shard], self.starts[shard + 1]
             if e <= lo or s >= hi:
                 continue
             first, stop = max(lo - s, 0), min(hi, e) - s
-            got = first
-            f = gopen(url, "rb")
-            try:
-                for i, key, members in iter_tar_samples(f, want=lambda i: i >= first, stop=stop):
-                    if i >= first:
-                        got = i + 1
-                        yield key, members
-            finally:
-                f.close()
-            for _ in range(stop - got):
-                yield None, None
+            for i, key, members in read_shard(url, want=lambda i: i >= first, stop=stop,
+                                              on_problem=problems.append):
+                if i >= first:
+                    yield key, members
 
     def _decode(self, key: str | None, members: dict | None) -> tuple[int, torch.Tensor]:
         data, label = image_and_label(members)
@@ -113,13 +108,14 @@ class EvalStream(IterableDataset):
         labels: list[int] = []
         images: list[torch.Tensor] = []
         bad: Counter[str] = Counter()
+        problems: list[ShardProblem] = []  # handed to the main process, which logs each once
         logged = 0
-        for pos, (key, members) in enumerate(self._read(lo, hi), lo):
+        for pos, (key, members) in enumerate(self._read(lo, hi, problems), lo):
             try:
                 label, img = self._decode(key, members)
             except BadImage as e:
                 bad[e.kind] += 1
-                if logged < _MAX_LOGGED:
+                if logged < _MAX_LOGGED and e.kind not in SHARD_KINDS:
                     logged += 1
                     log.warning("skipping bad eval sample %s (%s): %s",
                                 key or f"<position {pos}>", e.kind, e.reason)
@@ -128,15 +124,17 @@ class EvalStream(IterableDataset):
             labels.append(label)
             images.append(img)
             if len(keys) == self.batch_size:
-                yield _batch(keys, labels, images, bad)
-                keys, labels, images, bad = [], [], [], Counter()
-        if keys or bad:
-            yield _batch(keys, labels, images, bad)  # an image-less one only carries counts
+                yield _batch(keys, labels, images, bad, problems)
+                keys, labels, images, bad, problems[:] = [], [], [], Counter(), []
+        if keys or bad or problems:
+            yield _batch(keys, labels, images, bad, problems)  # image-less: only counts
 
 
-def _batch(keys: list[str], labels: list[int], images: list[torch.Tensor], bad: Counter) -> dict:
+def _batch(keys: list[str], labels: list[int], images: list[torch.Tensor], bad: Counter,
+           problems: list[ShardProblem]) -> dict:
     return {"image": torch.stack(images) if images else None, "key": keys,
-            "label": torch.tensor(labels, dtype=torch.int64), "bad": dict(bad)}
+            "label": torch.tensor(labels, dtype=torch.int64), "bad": dict(bad),
+            "shards": list(problems)}
 
 
 class EvalLoader:
@@ -150,6 +148,7 @@ class EvalLoader:
     def __init__(self, stream: EvalStream, num_workers: int, pin_memory: bool) -> None:
         self.stream, self.num_workers, self.pin_memory = stream, num_workers, pin_memory
         self.bad_counts: Counter[str] = Counter()
+        self.bad_shards: dict[str, str] = {}  # url -> kind of each damaged shard met
 
     @property
     def num_samples(self) -> int:
@@ -160,12 +159,17 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.bad_counts = Counter()
+        self.bad_shards = {}
         if self.num_workers == 0:
             batches: Iterator[dict] = iter(self.stream)
         else:
-            batches = iter(DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
-                                      pin_memory=self.pin_memory, persistent_workers=False))
+            batches = guard_workers(DataLoader(
+                self.stream, batch_size=None, num_workers=self.num_workers,
+                pin_memory=self.pin_memory, persistent_workers=False), self.num_workers)
         for batch in batches:
+            for problem in batch.pop("shards", ()):
+                self.bad_shards[problem.url] = problem.kind
+                warn_shard_once(problem)
             self.bad_counts.update(batch.pop("bad"))
             if batch["key"]:
                 yield batch

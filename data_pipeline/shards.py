@@ -16,6 +16,12 @@ most that many bytes (unless one sample alone is larger).
 Samples are shuffled across shards by ``seed`` so each shard mixes classes. Every tar is written
 under a hidden temporary name, fsynced and renamed, so a file with a shard's name is always
 complete; a rerun after an interruption writes only the missing shards.
+
+Input a run cannot work with (no images, two files with one key, a file list naming a missing file
+or a non-integer label, a source file that cannot be read, an output path that is a file or
+already holds other shards, a limit below 1) raises :class:`DataInputError` with one line that
+says what to do. Source folders are walked following symbolic links, but a directory reached
+a second time (a symlink loop, or two links to one folder) is not read again.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import tarfile
 import threading
@@ -36,7 +43,8 @@ from typing import Any
 
 import numpy as np
 
-from .tario import IMAGE_EXTS, iter_tar_samples
+from .errors import DataInputError
+from .tario import IMAGE_EXTS, UnsafeSample, iter_tar_samples
 
 __all__ = ["write_shards", "read_manifest", "verify_shards", "MANIFEST_FORMAT", "MANIFEST_NAME"]
 
@@ -69,7 +77,17 @@ def _make_key(rel: str) -> str:
 
 def _images_under(d: Path) -> list[Path]:
     out = []
-    for root, dirs, files in os.walk(d, followlinks=True):
+    seen: set[tuple[int, int]] = set()  # (device, inode) of each directory read
+    for root, dirs, files in os.walk(d, followlinks=True, onerror=_walk_error):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop (or a second link): read once
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         out.extend(
             Path(root) / f
@@ -79,12 +97,18 @@ def _images_under(d: Path) -> list[Path]:
     return out
 
 
+def _walk_error(e: OSError) -> None:
+    # a folder that cannot be listed would silently lose its images
+    raise DataInputError(f"cannot list {e.filename}: {e.strerror or e}; fix its permissions "
+                         "or leave it out of the source")
+
+
 def _collect(src: Path) -> tuple[list[_Item], list[str] | None, int]:
     """(items in a stable order, class names or None, num_classes) for any supported source."""
     if src.is_file():
         return _collect_list(src)
     if not src.is_dir():
-        raise FileNotFoundError(f"source {src} is neither a directory nor a file list")
+        raise DataInputError(f"source {src} is neither a directory nor a file list")
     root = src / "train" if (src / "train").is_dir() else src
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if class_dirs:
@@ -111,24 +135,37 @@ def _collect_list(list_file: Path) -> tuple[list[_Item], None, int]:
                 label = int(label_s.strip())
             except ValueError:
                 msg = f"{list_file}:{lineno}: label {label_s!r} is not an integer"
-                raise ValueError(msg) from None
+                raise DataInputError(msg) from None
             if label < 0:
-                raise ValueError(f"{list_file}:{lineno}: negative label {label}")
+                raise DataInputError(f"{list_file}:{lineno}: negative label {label}")
         p = Path(path_s.strip())
         full = p if p.is_absolute() else list_file.parent / p
+        if not full.is_file():
+            raise DataInputError(f"{list_file}:{lineno}: {full} is not a file (missing?); fix or "
+                                 "remove that line")
         items.append(_Item(full, _make_key(path_s.strip()), _member_ext(p), label))
     labelled = {it.label is not None for it in items}
     if len(labelled) > 1:
-        raise ValueError(f"{list_file}: some lines have a label and some don't; label all or none")
+        raise DataInputError(f"{list_file}: some lines have a label and some don't; "
+                             "label all or none")
     num_classes = max((it.label for it in items if it.label is not None), default=-1) + 1
     return items, None, num_classes
 
 
-def _check_keys(items: list[_Item]) -> None:
+def _check_sources(items: list[_Item]) -> None:
+    """Refuse two sources with one key, and a source that is not a readable regular file (a
+    dangling or looping symbolic link, a FIFO), before any shard is written."""
     seen: dict[str, Path] = {}
     for it in items:
+        try:
+            regular = it.path.is_file() and os.access(it.path, os.R_OK)
+        except OSError:
+            regular = False
+        if not regular:
+            raise DataInputError(f"source {it.path} is not a readable file (a broken or looping "
+                                 "symbolic link?); fix or remove it")
         if it.key in seen:
-            raise ValueError(
+            raise DataInputError(
                 f"two sources map to the same sample key {it.key!r}: {seen[it.key]} and {it.path} "
                 "(keys are paths without extension, dots replaced by '_'); rename one"
             )
@@ -211,7 +248,12 @@ def _write_tar(path: Path, items: Iterable[_Item], on_sample: Any) -> None:
         with open(tmp, "wb") as raw:
             with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
                 for it in items:
-                    data = it.path.read_bytes()
+                    try:
+                        data = it.path.read_bytes()
+                    except OSError as e:  # checked readable at the start; gone or failing now
+                        raise DataInputError(f"cannot read source {it.path}: {e.strerror or e}; "
+                                             "fix it and run the same command again (finished "
+                                             "shards are kept)") from None
                     tf.addfile(_tarinfo(f"{it.key}.{it.ext}", len(data)), io.BytesIO(data))
                     if it.label is not None:
                         cls = str(it.label).encode()
@@ -291,17 +333,24 @@ def write_shards(
     sample larger than the limit gets a shard of its own). Part of the plan and the manifest.
     """
     if samples_per_shard < 1:
-        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+        raise DataInputError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if max_bytes_per_shard is not None and max_bytes_per_shard < 1:
-        raise ValueError(f"max_bytes_per_shard must be >= 1 or None, got {max_bytes_per_shard}")
+        raise DataInputError(
+            f"max_bytes_per_shard must be >= 1 or None, got {max_bytes_per_shard}")
     if not prefix or "/" in prefix or "." in prefix:
-        raise ValueError(f"prefix must be a plain name without '/' or '.', got {prefix!r}")
+        raise DataInputError(f"prefix must be a plain name without '/' or '.', got {prefix!r}")
     items, classes, num_classes = _collect(Path(src))
     if not items:
-        raise ValueError(f"no images found in {src} (extensions: {sorted(_SOURCE_EXTS)})")
-    _check_keys(items)
+        raise DataInputError(f"no images found in {src} (extensions: {sorted(_SOURCE_EXTS)})")
+    _check_sources(items)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise DataInputError(f"output {out} is a file, not a directory; give a new or empty "
+                             "directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataInputError(f"cannot create the output directory {out}: {e.strerror or e}") from None
     plan = _plan_hash(items, prefix, samples_per_shard, seed, max_bytes_per_shard)
     _claim_dir(out, plan, prefix)
 
@@ -345,21 +394,46 @@ def write_shards(
     return manifest
 
 
+def _plan_in(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("plan")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+_TAR_NAME = re.compile(r".*\.(tar|tgz|tar\.gz|tar\.bz2|tar\.xz)$")
+
+
 def _claim_dir(out: Path, plan: str, prefix: str) -> None:
-    """Record this plan in ``out``; refuse to mix shards of a different plan into it."""
+    """Record this plan in ``out``; refuse to mix shards of a different plan into it, to put a
+    manifest over another shard set's, or to write beside tars that are not this plan's."""
+    if (out / MANIFEST_NAME).exists() and _plan_in(out / MANIFEST_NAME) != plan:
+        raise DataInputError(
+            f"{out} already holds a shard set (manifest.json) written from different sources or "
+            "settings; write to a new or empty directory, or delete that manifest and its "
+            "shards first"
+        )
+    ours = re.compile(rf"{re.escape(prefix)}-\d{{6}}\.tar")
+    foreign = sorted(p.name for p in out.iterdir()
+                     if _TAR_NAME.fullmatch(p.name) and not ours.fullmatch(p.name))
+    if foreign:
+        raise DataInputError(
+            f"{out} holds tar files that are not '{prefix}' shards of make-shards ({foreign[0]}"
+            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); write to a new or "
+            "empty directory"
+        )
     plan_file = out / f".{prefix}-plan.json"
     if plan_file.exists():
-        old = json.loads(plan_file.read_text()).get("plan")
-        if old == plan:
+        if _plan_in(plan_file) == plan:
             return
         if any(out.glob(f"{prefix}-*.tar")):
-            raise ValueError(
+            raise DataInputError(
                 f"{out} already holds '{prefix}' shards written from different sources or "
-                "settings; write to an empty directory (or delete those shards) instead"
+                "settings; write to a new or empty directory (or delete those shards) instead"
             )
     elif any(out.glob(f"{prefix}-*.tar")):
-        raise ValueError(f"{out} holds '{prefix}-*.tar' files not written by write_shards; "
-                         "use an empty directory")
+        raise DataInputError(f"{out} holds '{prefix}-*.tar' files not written by make-shards; "
+                             "write to a new or empty directory")
     _atomic_write_json(plan_file, {"plan": plan})
 
 
@@ -378,13 +452,23 @@ def read_manifest(path_or_dir: str | os.PathLike) -> dict:
         m = json.loads(p.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"no shard manifest at {p}; run write_shards first") from None
+    except (OSError, ValueError) as e:  # unreadable, or not JSON (e.g. cut short)
+        raise DataInputError(f"{p} cannot be read as a manifest ({e}); write the shards again "
+                             "with make-shards") from None
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{p} is not a {MANIFEST_FORMAT} manifest (format={m.get('format')!r})")
+        got = m.get("format") if isinstance(m, dict) else type(m).__name__
+        raise DataInputError(f"{p} is not a {MANIFEST_FORMAT} manifest (format={got!r})")
     missing = {"prefix", "shards", "total", "num_classes", "classes"} - m.keys()
     if missing:
-        raise ValueError(f"{p} lacks fields {sorted(missing)}")
-    if sum(s["samples"] for s in m["shards"]) != m["total"]:
-        raise ValueError(f"{p}: shard sample counts do not add up to total={m['total']}")
+        raise DataInputError(f"{p} lacks fields {sorted(missing)}")
+    try:
+        ok = all(isinstance(s["name"], str) and int(s["samples"]) >= 0 for s in m["shards"])
+        ok = ok and sum(int(s["samples"]) for s in m["shards"]) == m["total"]
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise DataInputError(f"{p}: shard entries lack a name or sample count, or their counts "
+                             f"do not add up to total={m['total']}")
     return m
 
 
@@ -430,7 +514,12 @@ def verify_shards(out_dir: str | os.PathLike) -> list[str]:
         if path.stat().st_size != entry["bytes"]:
             problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
         n = 0
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except OSError as e:  # a directory in its place, permissions
+            problems.append(f"{name}: cannot be opened ({e.strerror or e})")
+            continue
+        with f:
             r = _HashingReader(f)
             try:
                 for _, key, members in iter_tar_samples(r):
@@ -440,9 +529,15 @@ def verify_shards(out_dir: str | os.PathLike) -> list[str]:
                     if key in keys:
                         problems.append(f"{name}: duplicate key {key}")
                     keys.add(key)
-            except tarfile.TarError as e:
-                problems.append(f"{name}: unreadable tar ({e})")
-            r.drain()
+            except MemoryError:
+                raise
+            except Exception as e:  # tarfile, gzip, zlib, lzma, OSError: a damaged shard
+                problems.append(f"{name}: unreadable tar ({type(e).__name__}: {e})")
+            try:
+                r.drain()
+            except OSError as e:
+                problems.append(f"{name}: I/O error ({e.strerror or e})")
+                continue
         if r.h.hexdigest() != entry["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest")
         if n != entry["samples"]:
@@ -456,6 +551,8 @@ def verify_shards(out_dir: str | os.PathLike) -> list[str]:
 def _sample_problems(
     key: str, members: dict[str, bytes] | None, labelled: bool, num_classes: int
 ) -> list[str]:
+    if isinstance(members, UnsafeSample):
+        return [f"{key}: unsafe tar member, never extracted ({members.reason})"]
     members = members or {}
     out = []
     if not any(e in members for e in IMAGE_EXTS):

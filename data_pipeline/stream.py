@@ -27,14 +27,17 @@ starts at the worker that owns the next batch. ``len(loader)`` stays the full ep
 purpose (the schedule and epoch bookkeeping are in full epochs); ``loader.remaining`` is what this
 iteration will yield.
 
-Bad samples (zero-byte, undecodable, too many pixels, no image member, non-integer ``.cls``, a
-shard shorter than its manifest says) are counted by kind in ``loader.bad_counts`` and the first
-few are logged. Their slots are refilled *inside the same batch* by another augmentation (fresh
+Bad samples (zero-byte, undecodable, too many pixels, no image member, non-integer ``.cls``, an
+unsafe tar member, a shard shorter than its manifest says, and every sample a missing, unreadable
+or truncated shard should have given: ``shard_read.py``) are counted by kind in
+``loader.bad_counts``; the first few are logged, a damaged shard once, with its path. Their slots are refilled *inside the same batch* by another augmentation (fresh
 crop) of a good sample from that batch (or, if the whole batch is bad, of the next good sample
 later in the worker's order). Refilling within the batch rather than pulling the next sample
 keeps every batch a function of its own positions only, so resume stays exact without decoding
 the skipped part, and every rank keeps the same length. A worker whose bad share exceeds
-``max_bad_fraction`` raises :class:`TooManyBadSamples`.
+``max_bad_fraction`` raises :class:`TooManyBadSamples` (with its counts by kind, in this process
+also when raised in a worker). A worker process killed from outside raises
+:class:`LoaderWorkerDied` (``loader_guard.py``).
 
 Resampled mode (``resampled=True``): an infinite-style stream cut into epochs of
 ``epoch_samples`` samples over all ranks (default: the data set's size), drawn *with
@@ -74,22 +77,21 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from braceexpand import braceexpand
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import gopen
 
 from . import augment as _augment
 from .augment import BadImage, MAEAugment, decode_batch
 from .augment import raw_jpeg as _raw_jpeg
-from .shards import MANIFEST_NAME, read_manifest
-from .tario import IMAGE_EXTS, count_tar_samples, iter_tar_samples
+from .errors import TooManyBadSamples
+from .loader_guard import guard_workers
+from .shard_read import SHARD_KINDS, ShardProblem, image_and_label, read_shard, warn_shard_once
+from .shardset import ShardSet, resolve_shards
 
-__all__ = ["make_loader", "ShardLoader", "ShardSet", "resolve_shards", "TooManyBadSamples"]
+__all__ = ["make_loader", "ShardLoader", "ShardSet", "resolve_shards", "TooManyBadSamples",
+           "image_and_label"]
 
 log = logging.getLogger(__name__)
 
@@ -97,67 +99,6 @@ Augment = Callable[[bytes, torch.Generator], torch.Tensor]
 _M64 = (1 << 64) - 1
 _MAX_LOGGED = 5  # bad-sample warnings per worker per epoch
 _MIN_JUDGED = 200  # samples a worker sees before its bad share is judged (or its whole range)
-
-
-class TooManyBadSamples(RuntimeError):
-    """The share of bad samples passed ``max_bad_fraction``."""
-
-
-@dataclass(frozen=True)
-class ShardSet:
-    """Shard URLs and their sample counts, in the manifest's (canonical) order."""
-
-    urls: tuple[str, ...]
-    counts: tuple[int, ...]
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts)
-
-
-def _from_manifest(path: Path) -> ShardSet:
-    m = read_manifest(path)
-    d = path if path.is_dir() else path.parent
-    return ShardSet(tuple(str(d / s["name"]) for s in m["shards"]),
-                    tuple(int(s["samples"]) for s in m["shards"]))
-
-
-def _count(url: str) -> int:
-    f = gopen(url, "rb")
-    try:
-        return count_tar_samples(f)
-    finally:
-        f.close()
-
-
-def resolve_shards(shards: str | os.PathLike | Sequence[str | os.PathLike]) -> ShardSet:
-    """Accept a manifest path, a shard dir with ``manifest.json``, a brace pattern
-    (``dir/train-{000000..000003}.tar``) or a list of tar paths/URLs (``pipe:`` works).
-
-    Without a manifest the samples are counted by reading every tar once, unless all tars sit in
-    one local directory whose manifest lists them.
-    """
-    if isinstance(shards, (str, os.PathLike)):
-        s = os.fspath(shards)
-        p = Path(s)
-        if "{" not in s and not s.startswith("pipe:"):
-            if p.is_dir():
-                return _from_manifest(p)
-            if p.suffix == ".json":
-                return _from_manifest(p)
-        urls = list(braceexpand(s))
-    else:
-        urls = [os.fspath(u) for u in shards]
-    if not urls:
-        raise ValueError("empty shard list")
-    local = [Path(u) for u in urls if "://" not in u and not u.startswith("pipe:")]
-    if len(local) == len(urls) and len({p.parent for p in local}) == 1:
-        mpath = local[0].parent / MANIFEST_NAME
-        if mpath.exists():
-            counts = {s["name"]: int(s["samples"]) for s in read_manifest(mpath)["shards"]}
-            if all(p.name in counts for p in local):
-                return ShardSet(tuple(urls), tuple(counts[p.name] for p in local))
-    return ShardSet(tuple(urls), tuple(_count(u) for u in urls))
 
 
 def _mix(*values: int) -> int:
@@ -208,23 +149,6 @@ class _Fetcher:
         return self.held.get(pos) if keep else self.held.pop(pos, None)
 
 
-def image_and_label(members: dict[str, bytes] | None) -> tuple[bytes, int]:
-    """A sample's image bytes and integer label (-1 when it has no .cls); BadImage when the sample
-    is missing, has no image member, or a .cls that is not an integer."""
-    if members is None:
-        raise BadImage("missing", "shard has fewer samples than its manifest says")
-    ext = next((e for e in IMAGE_EXTS if e in members), None)
-    if ext is None:
-        raise BadImage("no_image", f"no image member (has {sorted(members)})")
-    label = -1
-    if "cls" in members:
-        try:
-            label = int(members["cls"].decode().strip())
-        except (ValueError, UnicodeDecodeError):
-            raise BadImage("bad_label", f"non-integer .cls {members['cls'][:20]!r}") from None
-    return members[ext], label
-
-
 class ShardStream(IterableDataset):
     """One rank's epoch; each (DataLoader) worker yields the batches of its own range."""
 
@@ -245,6 +169,7 @@ class ShardStream(IterableDataset):
         self.per = (n // (world_size * self.W)) // batch_size * batch_size
         self._aug_key: tuple[int, ...] = ()  # resampled: (rank, worker), set per worker
         self._layouts: dict[int, tuple[list[int], list[int]]] = {}
+        self._problems: list[ShardProblem] = []  # damaged shards met, not yet handed on
         # shard order and each shard's first global position in this epoch's stream
         perm = np.random.default_rng([seed & _M64, epoch, 0x5EED]).permutation(len(shardset.urls))
         self.order = perm.tolist()
@@ -262,9 +187,19 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         wid = info.id if info is not None else 0
-        # rotate ids so DataLoader's round robin (always from id 0) starts at the worker that
-        # owns batch number skip_batches
-        yield from self._worker((wid + self.skip_batches) % self.W)
+        self._problems = []
+        try:
+            # rotate ids so DataLoader's round robin (always from id 0) starts at the worker
+            # that owns batch number skip_batches
+            yield from self._worker((wid + self.skip_batches) % self.W)
+        except TooManyBadSamples as e:
+            # handed on as data: DataLoader would re-raise it in the main process with a
+            # message whose first line has lost the counts ("Caught TooManyBadSamples in ...")
+            yield {"error": str(e), "shards": self._take_problems()}
+
+    def _take_problems(self) -> list[ShardProblem]:
+        out, self._problems = self._problems, []
+        return out
 
     def layout(self, worker: int) -> tuple[list[int], list[int]]:
         """(shard indices, first position of each) of the stream ``worker``'s positions index:
@@ -305,14 +240,12 @@ class ShardStream(IterableDataset):
             s, c = starts[t], self.ss.counts[shard]
             if s + c <= lo or s > hi:
                 continue
-            f = gopen(self.ss.urls[shard], "rb")
-            try:
-                for i, key, members in iter_tar_samples(
-                    f, want=lambda i, s=s: s + i in needed, stop=min(c, hi - s + 1)
-                ):
-                    yield s + i, key, members
-            finally:
-                f.close()
+            # a damaged shard's lost samples come as BadImage of its kind (shard_read.py)
+            for i, key, members in read_shard(
+                self.ss.urls[shard], want=lambda i, s=s: s + i in needed,
+                stop=min(c, hi - s + 1), on_problem=self._problems.append,
+            ):
+                yield s + i, key, members
 
     def _worker(self, worker: int) -> Iterator[dict]:
         B = self.batch_size
@@ -324,6 +257,7 @@ class ShardStream(IterableDataset):
         fetch = _Fetcher(self._read(set(todo), min(todo), max(todo), worker))
         aug_gen = torch.Generator()
         bad_total, seen, logged = 0, 0, 0
+        bad_kinds: Counter[str] = Counter()
         # the same threshold with or without skip, so a resumed loader does not judge its short
         # tail more harshly than the full run did (it only counts what it has seen itself)
         judge_after = min(_MIN_JUDGED, self.per)
@@ -338,18 +272,20 @@ class ShardStream(IterableDataset):
                     good.append((pos, got[0], got[1], *out))
                 else:
                     bad[out.kind] += 1
-                    if logged < _MAX_LOGGED:
+                    # a damaged shard is logged once, by the main process (ShardLoader)
+                    if logged < _MAX_LOGGED and out.kind not in SHARD_KINDS:
                         logged += 1
-                        key = got[0] if got else f"<position {pos}>"
+                        key = got[0] if got and got[0] else f"<position {pos}>"
                         log.warning("skipping bad sample %s (%s): %s", key, out.kind, out.reason)
             seen += len(slots)
             bad_total += sum(bad.values())
+            bad_kinds.update(bad)
             if seen >= judge_after and bad_total > self.max_bad_fraction * seen:
                 raise TooManyBadSamples(
                     f"{bad_total} of {seen} samples ({bad_total / seen:.2%}) were bad "
-                    f"({dict(bad)} in the last batch), above max_bad_fraction="
-                    f"{self.max_bad_fraction}: check the shards with "
-                    "data_pipeline.verify_shards, or raise max_bad_fraction"
+                    f"({dict(sorted(bad_kinds.items()))}), above max_bad_fraction="
+                    f"{self.max_bad_fraction}: check the shards with `mae-scale data verify` "
+                    "(data_pipeline.verify_shards), or raise max_bad_fraction"
                 )
             if len(good) < B:
                 good = self._refill(good, B, worker, (skip + b + 1) * B, fetch, aug_gen)
@@ -359,6 +295,7 @@ class ShardStream(IterableDataset):
                 "key": [g[1] for g in good],
                 "label": torch.tensor([g[3] for g in good], dtype=torch.int64),
                 "bad": dict(bad),
+                "shards": self._take_problems(),
             }
 
     def _decode(self, pos: int, got: tuple[str, dict] | None, gen: torch.Generator,
@@ -442,6 +379,7 @@ class ShardLoader:
         self.prefetch_factor = prefetch_factor
         self.decode_device = decode_device  # None: workers decode (the CPU path)
         self.bad_counts: Counter[str] = Counter()
+        self.bad_shards: dict[str, str] = {}  # url -> kind of each damaged shard met
         self._seen = self._failed = 0
 
     def __len__(self) -> int:
@@ -458,16 +396,22 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         self.bad_counts = Counter()
+        self.bad_shards = {}
         if self.num_workers == 0:
             batches: Iterator[dict] = iter(self.stream)
         else:
-            batches = iter(DataLoader(
+            batches = guard_workers(DataLoader(
                 self.stream, batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
                 persistent_workers=False,
-            ))
+            ), self.num_workers)
         self._seen = self._failed = 0
         for batch in batches:
+            for problem in batch.pop("shards", ()):
+                self.bad_shards[problem.url] = problem.kind
+                warn_shard_once(problem)
+            if "error" in batch:
+                raise TooManyBadSamples(batch["error"])
             self.bad_counts.update(batch.pop("bad"))
             if self.decode_device is not None:
                 self._decode(batch)
