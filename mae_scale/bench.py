@@ -9,8 +9,8 @@ Two setups built from the same model, so their ratio says what the project's cho
   On a CPU, fp16 matmuls are emulated and slow, so the baseline uses bf16 autocast there (with the
   GradScaler kept, so its bookkeeping is still paid); the table says so.
 
-FLOPs are counted analytically from the architecture (matrix multiplies x 2, forward x 3 for
-forward + backward), the way MFU is usually reported: recomputation is not counted as useful work.
+FLOPs are counted analytically from the architecture by `mae_scale.speed` (matrix multiplies x 2,
+forward x 3 for forward + backward), as the trainer counts them for its in-run MFU.
 Figures are medians over repeats; `--compare` alternates the setups repeat by repeat, so a noisy
 shared machine slows both alike and the ratio stays meaningful.
 """
@@ -27,35 +27,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from mae_scale.models import build_mae
-
-# Dense bf16/fp16 peak of the GPUs people run this on, FLOP/s (no sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-
-
-def mae_train_flops(model, batch: int, mask_ratio: float = 0.75) -> float:
-    """Model FLOPs of one training step (forward + backward = 3 x forward) for `batch` images."""
-    L = model.patch_embed.num_patches
-    p = model.patch_embed.patch_size[0]
-    D = model.cls_token.shape[-1]
-    Dd = model.mask_token.shape[-1]
-    pix = p * p * 3
-    keep = int(L * (1 - mask_ratio))
-    mlp = model.blocks[0].mlp.fc1.out_features / D
-
-    def block(tokens: int, dim: int) -> float:  # qkv + proj + mlp, then scores and weighted sum
-        return 2 * tokens * dim * dim * (4 + 2 * mlp) + 4 * tokens * tokens * dim
-
-    enc = len(model.blocks) * block(1 + keep, D) + 2 * L * pix * D
-    dec = len(model.decoder_blocks) * block(1 + L, Dd) + 2 * (1 + keep) * D * Dd + 2 * L * Dd * pix
-    return 3.0 * batch * (enc + dec)
-
-
-def _peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
+from mae_scale.speed import mae_train_flops, peak_flops
 
 @dataclass(frozen=True)
 class Variant:
@@ -196,13 +168,13 @@ def bench_variants(model: str, batch: int, variants: list[Variant], steps: int =
     if device.type != "cuda":
         peaks = [_cpu_memory_count(ts, v, mask_ratio) for ts, v in zip(built, variants)]
     flops = mae_train_flops(built[0][0], batch, mask_ratio)
-    peak_flops = _peak_flops(device)
+    peak = peak_flops(device)
     rows = []
     for v, t, mem, warm_s in zip(variants, times, peaks, compile_s):
         step_s = statistics.median(t)
         rows.append({
             "variant": v.name, "setup": v.describe(device), "step_s": step_s, "images_per_s": batch / step_s,
-            "achieved_tflops": flops / step_s / 1e12, "mfu": flops / step_s / peak_flops if peak_flops else None,
+            "achieved_tflops": flops / step_s / 1e12, "mfu": flops / step_s / peak if peak else None,
             "peak_mem_gib": mem / 2**30, "warmup_s": warm_s, "step_times_s": t,
             "speedup_vs_first": statistics.median(times[0]) / step_s,
         })

@@ -27,6 +27,7 @@ from mae_scale.finetune_config import FinetuneConfig
 from mae_scale.lars import LARS, lars_param_groups
 from mae_scale.models import build_vit_classifier
 from mae_scale.optim import param_groups_lrd
+from mae_scale.speed import classifier_train_flops
 from mae_scale.trainer import Pretrainer, derived_seed
 from mae_scale.visualize import normalize_on_device
 
@@ -97,6 +98,9 @@ class Finetuner(Pretrainer):
         fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
         return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), fused=fused or None)
 
+    def train_flops_per_image(self, model: torch.nn.Module) -> float:
+        return classifier_train_flops(model, 1, frozen_encoder=self.probe)
+
     def _loader(self, epoch: int, skip_batches: int):
         from data_pipeline import make_loader
         from data_pipeline.finetune_augment import FinetuneAugment
@@ -106,7 +110,7 @@ class Finetuner(Pretrainer):
         return make_loader(self.shards, t.micro_batch_size, rank=self.env.rank, world_size=self.env.world_size,
                            num_workers=d.num_workers, epoch=epoch, seed=t.seed,
                            skip_samples=skip_batches * t.micro_batch_size, input_size=d.input_size,
-                           augment=augment, max_bad_fraction=d.max_bad_fraction)
+                           augment=augment, max_bad_fraction=d.max_bad_fraction, pin_memory=self.pin_memory)
 
     def _mixup_and_criterion(self):
         from timm.data import Mixup

@@ -41,6 +41,7 @@ class Tracker:
         self.run_dir = Path(run_dir)
         self.run_id: Optional[str] = None
         self.client = None
+        self.system_monitor = None
 
     def _guarded(self, what: str, fn, *args, **kwargs) -> Any:
         if not self.enabled:
@@ -91,6 +92,21 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
         return self.run_id
 
+    def start_system_metrics(self, interval_s: float = 10.0) -> None:
+        """MLflow's own sampler of CPU / GPU utilization and memory (a thread), as `system/...`
+        metrics of this run; a resumed run continues their steps."""
+        if self.run_id is None:
+            return
+
+        def start() -> None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.system_monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s, resume_logging=True,
+                                                       tracking_uri=self.uri)
+            self.system_monitor.start()
+
+        self._guarded("start system metrics", start)
+
     def log_metrics(self, metrics: dict, step: int) -> None:
         if self.run_id is None:
             return
@@ -112,6 +128,9 @@ class Tracker:
             self._guarded("set a tag", self.client.set_tag, self.run_id, key, str(value))
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self.system_monitor is not None:
+            self._guarded("stop system metrics", self.system_monitor.finish)
+            self.system_monitor = None
         if self.run_id is None:
             return
         self._guarded("close the run", self.client.set_terminated, self.run_id, status)

@@ -25,17 +25,25 @@ import torch
 from mae_scale import faults
 from mae_scale.checkpoint import CheckpointManager, install_safe_loader
 from mae_scale.config import PretrainConfig, check_batch_layout, flatten, peak_lr, save_config, to_dict
-from mae_scale.distributed import DistEnv, all_reduce_mean, barrier
+from mae_scale.device_feed import DevicePrefetcher
+from mae_scale.distributed import DistEnv, all_reduce_mean, any_rank, barrier
 from mae_scale.models import build_mae
+from mae_scale.models.compile import compile_blocks
 from mae_scale.optim import build_optimizer, cosine_lr, deepspeed_config, schedule_summary, set_lr
+from mae_scale.speed import mae_train_flops, memory_peaks, mim_train_flops, peak_flops, step_speed
 from mae_scale.tracking import Tracker, default_tracking_uri
 from mae_scale.visualize import mim_grid, normalize_on_device, reconstruction_grid, save_loss_curve
 
 PICTURE_IMAGES = 4
 
+# A ViT's weights stay within about +-100 in every published run; past this the run has diverged
+# (a learning rate of 1e30 puts them near 1e28, still finite in bf16) and the next forward overflows.
+WEIGHT_LIMIT = 1e6
+
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The run diverged: a non-finite loss or gradient norm (the step was not applied), or weights
+    past WEIGHT_LIMIT (not saved). The newest checkpoint is untouched."""
 
 
 def derived_seed(*parts: int) -> int:
@@ -84,6 +92,10 @@ class Pretrainer:
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = self.build_model()
         model.to(env.device)
+        self.flops_per_image = self.train_flops_per_image(model)
+        self.peak_flops = peak_flops(env.device, cfg.train.peak_tflops)
+        if self.compile_enabled():
+            compile_blocks(model)  # in place: names, registration order and checkpoints unchanged
         optimizer = self.build_optimizer(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.accum), dist_init_required=False)
@@ -109,6 +121,8 @@ class Pretrainer:
                             **schedule_summary(cfg, self.steps_per_epoch)}, run_id=run_id)
         if self.resumed_from is None:
             self.tracker.log_artifact(self.run_dir / "config.yaml")
+        if cfg.tracking.system_metrics:
+            self.tracker.start_system_metrics()
         self._record_attempt()
 
     # -- what a subclass (fine-tuning) replaces -----------------------------------------------
@@ -170,6 +184,24 @@ class Pretrainer:
     def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         return build_optimizer(model, self.cfg)
 
+    def train_flops_per_image(self, model: torch.nn.Module) -> float:
+        """Model FLOPs of one training image (forward + backward), for TFLOP/s and MFU."""
+        m = self.cfg.model
+        if m.objective == "mae":
+            return mae_train_flops(model, 1, m.mask_ratio)
+        return mim_train_flops(model, 1, masked_tokens=m.num_masking_patches if m.objective == "beit" else 0)
+
+    def compile_enabled(self) -> bool:
+        """train.compile, or by default: on a GPU at ZeRO 0-2 (ZeRO-3's parameter hooks and a
+        CPU's minutes of compiling are where it does not pay)."""
+        choice = self.cfg.train.compile
+        return choice if choice is not None else self.env.device.type == "cuda" and self.cfg.train.zero_stage < 3
+
+    @property
+    def pin_memory(self) -> bool:
+        """Page-locked loader batches, so the prefetcher's copies to the GPU are truly asynchronous."""
+        return self.cfg.train.prefetch and self.env.device.type == "cuda"
+
     def before_train(self) -> None:
         pass
 
@@ -202,6 +234,7 @@ class Pretrainer:
                            skip_samples=skip_batches * t.micro_batch_size, input_size=d.input_size,
                            augment=MAEAugment(d.input_size, scale=(d.crop_scale_min, 1.0)),
                            max_bad_fraction=d.max_bad_fraction, resampled=d.resampled, epoch_samples=d.epoch_samples,
+                           pin_memory=self.pin_memory,
                            decode_device=(f"cuda:{torch.cuda.current_device()}" if d.decode_device == "cuda"
                                           else d.decode_device))
 
@@ -265,7 +298,7 @@ class Pretrainer:
             self.step_extras.setdefault("masked_acc", []).append(extras["masked_acc"])
         return loss
 
-    def train_step(self, micro_batches: list[dict]) -> torch.Tensor:
+    def train_step(self, micro_batches: list[dict]) -> float:
         """One optimizer step over `accum` micro-batches; returns the step's mean loss (all ranks)."""
         step_losses = []
         self.step_extras: dict[str, list[torch.Tensor]] = {}
@@ -273,16 +306,55 @@ class Pretrainer:
             loss = self.micro_loss(i, batch)
             if faults.armed("nan_loss", self.global_step):
                 loss = loss * float("nan")
+            if faults.armed("nan_grad", self.global_step):  # a finite loss whose gradients are not
+                loss.register_hook(lambda grad: grad * float("nan"))
             step_losses.append(loss.detach())
             self.engine.backward(loss)
             if i == len(micro_batches) - 1:
                 # The guard before the last step(): a non-finite step is never applied or saved.
-                mean_loss = all_reduce_mean(torch.stack(step_losses).mean())
-                if not torch.isfinite(mean_loss):
-                    raise NonFiniteLossError(
-                        f"loss became {mean_loss.item()} at step {self.global_step}")
+                self.step_values = self._guard(step_losses)
             self.engine.step()
-        return mean_loss
+        norm = self.engine.get_global_grad_norm()
+        if isinstance(norm, float) and not math.isfinite(norm):  # DeepSpeed skipped the step (inf/NaN gradients)
+            raise NonFiniteLossError(f"the gradient norm became {norm} at step {self.global_step}; "
+                                     "the step was not applied")
+        return self.step_values["loss"]
+
+    def _guard(self, step_losses: list[torch.Tensor]) -> dict[str, float]:
+        """The step's one host synchronization: the mean loss over the ranks (and the objective's
+        extras, and where DeepSpeed keeps no gradient norm, our own) read together, checked before
+        the step is applied."""
+        values = {"loss": all_reduce_mean(torch.stack(step_losses).float().mean())}
+        values.update({k: torch.stack(v).float().mean() for k, v in self.step_extras.items()})
+        if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
+            # plain ZeRO-0 fp32: DeepSpeed neither checks nor records the gradient norm; the
+            # gradients are whole and already averaged over the ranks here
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            values["grad_norm"] = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+        t0 = time.perf_counter()
+        host = dict(zip(values, torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()))
+        self.sync_wait = time.perf_counter() - t0
+        for key in ("loss", "grad_norm"):
+            if key in host and not math.isfinite(host[key]):
+                what = "loss" if key == "loss" else "gradient norm"
+                raise NonFiniteLossError(f"{what} became {host[key]} at step {self.global_step}; the step was not applied")
+        return host
+
+    def _grad_norm(self) -> Optional[float]:
+        """The last step's gradient norm before clipping (read at logged steps only)."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            return self.step_values.get("grad_norm")
+        return float(norm)
+
+    def _check_weights(self) -> None:
+        """Before a save: every rank's weights (its partition at ZeRO-3) finite and within WEIGHT_LIMIT."""
+        params = [getattr(p, "ds_tensor", p) for p in self.engine.module.parameters()]
+        params = [p for p in params if p.numel()]
+        largest = max(n.float() for n in torch._foreach_norm(params, float("inf"))).item() if params else 0.0
+        if any_rank(not largest <= WEIGHT_LIMIT):  # NaN compares false
+            raise NonFiniteLossError(f"the weights diverged at step {self.global_step} (largest |w| {largest:.3g} on "
+                                     f"some rank, limit {WEIGHT_LIMIT:g}); this step was not saved")
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -297,22 +369,25 @@ class Pretrainer:
         started, steps_run = time.perf_counter(), 0
         last_saved = self.resumed_from
         self.picture, micro_batches = None, None
+        self.window = Counter()  # sums over the steps since the last logged one
         self.before_train()
         while self.global_step < self.end_step:
             self.data = self._loader(self.epoch, self.step_in_epoch * self.accum)
-            loader = iter(self.data)
+            steps_here = min(self.steps_per_epoch - self.step_in_epoch, self.end_step - self.global_step)
+            batches = iter(DevicePrefetcher(self.data, self.env.device, t.prefetch, limit=steps_here * self.accum))
             while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.end_step:
                 t0 = time.perf_counter()
-                micro_batches = [next(loader) for _ in range(self.accum)]
+                micro_batches = [next(batches) for _ in range(self.accum)]
+                data_wait = time.perf_counter() - t0
                 lr = cosine_lr(self.global_step, self.steps_per_epoch, t.epochs, t.warmup_epochs, peak, cfg.optim.min_lr)
                 set_lr(self.optimizer, lr)
                 loss = self.train_step(micro_batches)
                 self.global_step += 1
                 self.step_in_epoch += 1
                 steps_run += 1
-                step_time = time.perf_counter() - t0
+                self.window.update(steps=1, time=time.perf_counter() - t0, wait=data_wait, sync=self.sync_wait)
                 if self.global_step % t.log_every_steps == 0 or self.global_step == self.end_step:
-                    self._log(loss, lr, step_time, started, steps_run)
+                    self._log(loss, lr, started, steps_run)
                 self.after_step(micro_batches)
                 if self.global_step % cfg.checkpoint.every_steps == 0:
                     self._save()
@@ -327,26 +402,34 @@ class Pretrainer:
         self.after_train(micro_batches)
         return self._finish()
 
-    def _log(self, loss: torch.Tensor, lr: float, step_time: float, started: float, steps_run: int) -> None:
+    def _log(self, loss: float, lr: float, started: float, steps_run: int) -> None:
+        """Progress line, metrics.jsonl and MLflow: averages over the steps since the last log."""
+        w, self.window = self.window, Counter()
+        grad_norm = self._grad_norm()  # every rank: a ZeRO-3 norm read may be collective
+        memory = memory_peaks(self.env.device)
         if not self.env.is_main:
             return
-        loss_value = loss.item()
-        elapsed = time.perf_counter() - started
-        per_step = elapsed / steps_run
-        images_per_s = self.cfg.train.global_batch_size / step_time
-        eta = (self.end_step - self.global_step) * per_step
+        speed = step_speed(self.flops_per_image, self.cfg.train.global_batch_size * w["steps"], w["time"], w["wait"],
+                           self.env.world_size, self.peak_flops)
+        speed["step_time_s"] = w["time"] / w["steps"]
+        speed["data_wait_s"] = w["wait"] / w["steps"]
+        eta = (self.end_step - self.global_step) * (time.perf_counter() - started) / steps_run
         bad = self.bad_before_epoch + self.data.bad_counts  # rank 0's share, this process
         bad_note = f" | {sum(bad.values())} bad samples skipped" if bad else ""
-        print(f"step {self.global_step}/{self.end_step} | epoch {self.epoch} | loss {loss_value:.4f} | "
-              f"lr {lr:.3g} | {images_per_s:.1f} img/s | step {step_time:.3f}s | ETA {format_eta(eta)}{bad_note}",
-              flush=True)
-        row = {"step": self.global_step, "epoch": self.epoch, "loss": loss_value, "lr": lr,
-               "images_per_s": images_per_s, "step_time_s": step_time, "bad_samples": sum(bad.values()),
-               **{f"bad_samples_{kind}": n for kind, n in bad.items()},
-               **{k: torch.stack(v).float().mean().item() for k, v in getattr(self, "step_extras", {}).items()}}
+        mfu_note = f" | MFU {speed['mfu'] * 100:.1f}%" if speed["mfu"] is not None else ""
+        mem_note = f" | mem {memory['mem_allocated_gib']:.1f} GiB" if memory else ""
+        print(f"step {self.global_step}/{self.end_step} | epoch {self.epoch} | loss {loss:.4f} | lr {lr:.3g} | "
+              f"{speed['images_per_s']:.1f} img/s | step {speed['step_time_s']:.3f}s | data "
+              f"{speed['data_wait_share'] * 100:.0f}% | {speed['tflops']:.3g} TFLOP/s{mfu_note}{mem_note} | "
+              f"ETA {format_eta(eta)}{bad_note}", flush=True)
+        row = {"step": self.global_step, "epoch": self.epoch, "loss": loss, "lr": lr, **speed,
+               "sync_wait_s": w["sync"] / w["steps"], "grad_norm": grad_norm,
+               "mem_allocated_gib": memory.get("mem_allocated_gib"), "mem_reserved_gib": memory.get("mem_reserved_gib"),
+               "bad_samples": sum(bad.values()), **{f"bad_samples_{kind}": n for kind, n in bad.items()},
+               **{k: v for k, v in self.step_values.items() if k not in ("loss", "grad_norm")}}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
-        self.tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=self.global_step)
+        self.tracker.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=self.global_step)
 
     def _picture(self, batch: dict) -> Optional[Path]:
         """Reconstructions of a few images of this step. Every rank runs the forward (ZeRO-3
@@ -372,6 +455,7 @@ class Pretrainer:
                 "mlflow_run_id": self.tracker.run_id, "world_size": self.env.world_size, "accum": self.accum}
 
     def _save(self) -> Path:
+        self._check_weights()
         path = self.ckpt.save(self.engine, self.global_step, self._client_state(), self.env.world_size)
         if self.env.is_main:
             self.tracker.set_tags({"last_checkpoint": path.resolve(), "last_checkpoint_step": self.global_step})

@@ -87,6 +87,15 @@ def test_finetune_from_mae_run_trains_evaluates_and_records(digits_shards, pretr
     run = client.get_run(result["mlflow_run_id"])
     assert run.data.params["mode"] == "finetune" and run.data.params["optim.layer_decay"] == "0.75"
     assert run.info.status == "FINISHED"
+    # fine-tuning reports its speed as pretraining does, with the classifier's FLOPs
+    from mae_scale.models import build_vit_classifier
+    from mae_scale.speed import classifier_train_flops
+
+    flops = classifier_train_flops(build_vit_classifier("vit_tiny_patch4", 10, img_size=8), 1, frozen_encoder=False)
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["tflops"] == pytest.approx(flops * 64 / r["step_time_s"] / 1e12, rel=1e-9) for r in steps)
+    assert all(r["grad_norm"] > 0 and 0 <= r["data_wait_share"] <= 1 for r in steps)
+    assert {"tflops", "grad_norm", "data_wait_share"} <= set(run.data.metrics)
     # --eval-only on the fine-tuned run reproduces its last evaluation
     proc = mae_scale("finetune", FT, tiny(digits_shards, tmp_path / "ev", **{"model.init": out}),
                      extra_args=("--eval-only",))

@@ -26,15 +26,16 @@ def _artifacts(client, run_id, path=None):
 def test_local_store_has_params_metrics_pictures_and_resume_continues_the_run(small_shards, tmp_path):
     out = tmp_path / "runs" / "tiny"
     args = base_overrides(small_shards, out, **{"tracking.enabled": "true", "train.max_steps": 3,
-                                                "tracking.image_every_steps": 3})
-    run_pretrain(args)
+                                                "tracking.image_every_steps": 3, "tracking.system_metrics": "true"})
+    run_pretrain(args, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL=1)
     run_id = json.loads((out / "result.json").read_text())["mlflow_run_id"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["model.name"] == "mae_vit_tiny_patch16"
     assert run.data.params["train.global_batch_size"] == "16" and run.data.params["world_size"] == "1"
-    assert {"loss", "lr", "images_per_s", "step_time_s"} <= set(run.data.metrics)
+    assert {"loss", "lr", "images_per_s", "step_time_s", "data_wait_share", "tflops", "grad_norm"} <= set(run.data.metrics)
+    assert any(name.startswith("system/cpu_utilization") for name in run.data.metrics)  # tracking.system_metrics
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
     assert run.data.tags["last_checkpoint"].endswith("step_00000003")
     artifacts = _artifacts(client, run_id)
