@@ -208,9 +208,10 @@ def plan_runs(args: argparse.Namespace, world_size: int) -> list[dict]:
     from mae_scale.finetune_config import load_finetune_config
 
     def load(config: str, overrides: list[str]):
+        # scope "submit": everything but this machine's devices (a login node has no GPU; the job's nodes do)
         if args.verb == "pretrain":
-            return load_config(config, overrides)
-        return load_finetune_config(config, overrides, mode=args.verb)
+            return load_config(config, overrides, scope="submit")
+        return load_finetune_config(config, overrides, mode=args.verb, scope="submit")
 
     config = str(Path(args.config).resolve())
     base = load(config, args.overrides)

@@ -261,17 +261,15 @@ def format_plan(p: dict) -> str:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from mae_scale.config import load_config
-
-    # Planning happens on a login node or laptop where the shards are not mounted: the data path is
-    # the one thing validation may not insist on here (the plan never reads data).
-    from mae_scale.config import ConfigError
+    from mae_scale.config import ConfigError, load_config
 
     for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node),
                         ("--micro-batch", args.micro_batch), ("--gpu-memory-gib", args.gpu_memory_gib)):
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} {value} must be positive")
-    cfg = load_config(args.config, [*args.overrides, "data.train_shards=builtin"])
+    # A login node or laptop where the shards are not mounted: scope "plan" checks the model and the
+    # numbers, not data, directories or devices (the plan reads no data).
+    cfg = load_config(args.config, args.overrides, scope="plan")
     if cfg.model.objective != "mae":
         raise ConfigError(f"plan models MAE's shapes (encoder on visible patches only); {args.config} is a "
                           f"{cfg.model.objective} preset, whose encoder sees every token: not covered yet")

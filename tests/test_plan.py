@@ -15,7 +15,7 @@ HUGE = "configs/pretrain/mae_vit_huge_patch14_800ep.yaml"
 
 
 def _cfg(path=HUGE, *overrides):
-    return load_config(path, [*overrides, "data.train_shards=builtin"])
+    return load_config(path, list(overrides), scope="plan")
 
 
 def test_vit_huge_parameter_counts_come_from_the_model():
