@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -254,7 +255,10 @@ class CheckpointManager:
                 state, error = None, None
                 try:
                     state = self.load(engine, ckpt_dir)
-                except Exception as exc:  # truncated zip, refused pickle, DeepSpeed shape errors ...
+                except pickle.UnpicklingError:  # torch's own message is a page long
+                    error = ("it holds objects a weights_only load refuses (pickled code, or types DeepSpeed "
+                             "checkpoints never hold)")
+                except Exception as exc:  # truncated zip, DeepSpeed shape errors ...
                     error = f"it could not be loaded ({describe_error(exc)})"
                 errors = [e for e in all_gather(error) if e is not None]
                 if not errors:

@@ -157,6 +157,10 @@ def test_damaged_newest_is_moved_aside_and_the_previous_resumes_exactly(world_of
     assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [2]
     ckpt.remove_incomplete()
     assert moved.is_dir()
+    from launchers.slurm import status_report
+
+    report, damaged = status_report(run)
+    assert not damaged and "moved aside as damaged: damaged_step_00000004 (" in report, report
 
     # The fallback run ends bitwise where a run resumed directly from step 2 ends.
     train(fallback, 2, 6)
@@ -218,6 +222,25 @@ def test_old_format_missing_partition_is_caught_before_loading(world_of_one, tmp
     damage(run / "checkpoints/step_00000004", "missing")
     ckpt_dir, _ = ckpt.resume(make_engine())
     assert ckpt_dir.name == "step_00000002" and (run / "checkpoints/damaged_step_00000004").is_dir()
+
+
+def test_code_in_a_checkpoint_is_refused_even_with_a_rewritten_marker(world_of_one, tmp_path, capsys):
+    """Whoever swaps in a pickle that runs code may rewrite the marker too (CRC-32 is no signature):
+    then the weights_only load is what refuses it, and the run falls back like for any damage."""
+    import pickle
+
+    from untrusted_files import WritesFileOnLoad
+
+    run = tmp_path / "run"
+    ckpt = two_checkpoints(run)
+    newest = run / "checkpoints/step_00000004"
+    proof = tmp_path / "code_ran"
+    with open(newest / MODEL, "wb") as fh:
+        pickle.dump({"module": WritesFileOnLoad(proof)}, fh)
+    strip_checksums(newest)
+    ckpt_dir, _ = ckpt.resume(make_engine())
+    assert ckpt_dir.name == "step_00000002" and not proof.exists()
+    assert "weights_only" in capsys.readouterr().out
 
 
 def test_all_damaged_stops_in_one_line_and_deletes_nothing(world_of_one, tmp_path):

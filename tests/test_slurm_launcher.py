@@ -77,6 +77,9 @@ def test_status_prints_attempts_and_checkpoint(tmp_path, capsys):
     (run / "checkpoints/step_00000004").mkdir(parents=True)
     (run / "checkpoints/step_00000004/COMPLETE").write_text(json.dumps(
         {"step": 4, "world_size": 2, "zero_stage": 1, "time": 0}))
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"):  # what status checks for in an old-format marker
+        (run / "checkpoints/step_00000004" / name).write_bytes(b"x")
     rows = [{"time": "t0", "host": "h", "world_size": 2, "resumed_from_step": None, "slurm_job_id": "11",
              "slurm_nodelist": "node[1-2]", "mlflow_run_id": "abc"},
             {"time": "t1", "host": "h", "world_size": 2, "resumed_from_step": 4, "slurm_job_id": "11",
