@@ -21,10 +21,10 @@ import time
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import gopen
 
 from .stream import make_loader, resolve_shards
-from .tario import IMAGE_EXTS, iter_tar_samples
+from .shard_read import read_shard
+from .tario import IMAGE_EXTS
 
 
 class OfficialPipeline(IterableDataset):
@@ -49,16 +49,16 @@ class OfficialPipeline(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for url in self.urls[worker::workers]:
-            with gopen(url) as stream:
-                for _, _, members in iter_tar_samples(stream):
-                    data = next((members[e] for e in IMAGE_EXTS if e in members), None)
-                    if data is None:
-                        continue
-                    try:
-                        img = Image.open(io.BytesIO(data)).convert("RGB")
-                    except Exception:
-                        continue
-                    yield self.transform(img)
+            # a damaged or missing shard is passed over, as the project's loader does
+            for _, _, members in read_shard(url):
+                data = next((members[e] for e in IMAGE_EXTS if e in members), None)
+                if data is None:
+                    continue
+                try:
+                    img = Image.open(io.BytesIO(data)).convert("RGB")
+                except Exception:
+                    continue
+                yield self.transform(img)
 
 
 def _time_pass(make_iter) -> tuple[int, float]:

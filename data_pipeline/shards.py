@@ -75,19 +75,27 @@ def _make_key(rel: str) -> str:
     return stem.replace(".", "_")
 
 
-def _images_under(d: Path) -> list[Path]:
+def _dir_id(d: Path) -> tuple[int, int]:
+    st = os.stat(d)
+    return st.st_dev, st.st_ino
+
+
+def _images_under(d: Path, blocked: frozenset[tuple[int, int]] = frozenset()) -> list[Path]:
+    """Images under ``d``, following symbolic links into directories, but never into one
+    already read (a symlink loop, or a second link to it) nor into a ``blocked`` one (the source
+    root and the other classes: a link there would copy their images under this label)."""
     out = []
-    seen: set[tuple[int, int]] = set()  # (device, inode) of each directory read
+    seen: set[tuple[int, int]] = set(blocked)  # (device, inode) of each directory read
     for root, dirs, files in os.walk(d, followlinks=True, onerror=_walk_error):
         try:
-            st = os.stat(root)
+            ident = _dir_id(Path(root))
         except OSError:
             dirs[:] = []
             continue
-        if (st.st_dev, st.st_ino) in seen:  # a symlink loop (or a second link): read once
+        if ident in seen:
             dirs[:] = []
             continue
-        seen.add((st.st_dev, st.st_ino))
+        seen.add(ident)
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
         out.extend(
             Path(root) / f
@@ -113,10 +121,11 @@ def _collect(src: Path) -> tuple[list[_Item], list[str] | None, int]:
     class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if class_dirs:
         classes = [d.name for d in class_dirs]
+        ids = {_dir_id(root)} | {_dir_id(d) for d in class_dirs}
         items = [
             _Item(p, _make_key(str(p.relative_to(root))), _member_ext(p), label)
             for label, d in enumerate(class_dirs)
-            for p in _images_under(d)
+            for p in _images_under(d, frozenset(ids - {_dir_id(d)}))
         ]
         return items, classes, len(classes)
     items = [_Item(p, _make_key(p.name), _member_ext(p), None) for p in _images_under(root)]

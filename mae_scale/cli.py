@@ -98,24 +98,33 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _make_shards(args: argparse.Namespace) -> int:
-    from data_pipeline import write_shards
+    from data_pipeline import DataInputError, write_shards
 
     src = Path(args.src)
     if not src.exists():
         raise UserError(f"source {src} does not exist; pass an image folder, an ImageNet-style train folder or a file list")
-    manifest = write_shards(src, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
-                            max_bytes_per_shard=args.max_bytes_per_shard, seed=args.seed, num_workers=args.workers)
+    try:
+        manifest = write_shards(src, args.out, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
+                                max_bytes_per_shard=args.max_bytes_per_shard, seed=args.seed, num_workers=args.workers)
+    except DataInputError as exc:  # bad input: one line, status 2
+        raise UserError(str(exc)) from None
+    except OSError as exc:  # the disk (full, read-only, failing): one line, status 1
+        print(f"error: writing shards failed: {exc}", file=sys.stderr, flush=True)
+        return 1
     print(f"wrote {len(manifest['shards'])} shards, {manifest['total']} samples, "
           f"{manifest.get('num_classes') or 0} classes to {args.out}")
     return 0
 
 
 def _verify_shards(args: argparse.Namespace) -> int:
-    from data_pipeline import verify_shards
+    from data_pipeline import DataInputError, verify_shards
 
     if not (Path(args.shards) / "manifest.json").is_file():
         raise UserError(f"{args.shards} has no manifest.json; point at a folder written by `mae-scale make-shards`")
-    problems = verify_shards(args.shards)
+    try:
+        problems = verify_shards(args.shards)
+    except DataInputError as exc:
+        raise UserError(str(exc)) from None
     for problem in problems:
         print(problem)
     print(f"{len(problems)} problem(s) found in {args.shards}" if problems else f"{args.shards}: all shards match the manifest")
@@ -125,12 +134,16 @@ def _verify_shards(args: argparse.Namespace) -> int:
 def _bench_data(args: argparse.Namespace) -> int:
     import torch
 
+    from data_pipeline import DataInputError, LoaderWorkerDied, TooManyBadSamples
     from data_pipeline.bench import bench_data
 
     if args.decode_device == "cuda" and not torch.cuda.is_available():
         raise UserError("--decode-device cuda needs a CUDA GPU and torch sees none; use cpu or cpu-batched")
-    result = bench_data(args.shards, workers=args.workers, batch_size=args.batch, input_size=args.img_size,
-                        repeats=args.repeats, decode_device=args.decode_device)
+    try:
+        result = bench_data(args.shards, workers=args.workers, batch_size=args.batch, input_size=args.img_size,
+                            repeats=args.repeats, decode_device=args.decode_device)
+    except (DataInputError, FileNotFoundError, TooManyBadSamples, LoaderWorkerDied) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None  # the data or its path: one line
     print(json.dumps({k: v for k, v in result.items() if k != "table"}) if args.json else result["table"])
     return 0
 

@@ -44,3 +44,30 @@ def test_too_many_bad_samples_stop_with_one_line(shards_with_bad_samples, tmp_pa
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "max_bad_fraction" in errors[0]
+
+
+def test_damaged_shard_is_skipped_and_the_run_finishes(tmp_path):
+    """One of four shards cut short in the middle of a sample (what a copy interrupted by a full
+    disk leaves): the run finishes, and the samples lost with it are counted by their kind."""
+    import tarfile
+
+    from data_pipeline import make_sample_folder, write_shards
+
+    images = make_sample_folder(tmp_path / "images", n_images=128, seed=2)
+    manifest = write_shards(images, tmp_path / "shards", samples_per_shard=32, seed=0, progress=False)
+    victim = tmp_path / "shards" / manifest["shards"][1]["name"]
+    with tarfile.open(victim) as tf:
+        jpg = [m for m in tf.getmembers() if m.name.endswith(".jpg")][3]
+    victim.write_bytes(victim.read_bytes()[:jpg.offset_data + jpg.size // 2])  # 3 samples survive
+
+    out = tmp_path / "runs" / "damaged"
+    # 29 of 128 samples lost (23 %): above the default 1 %, so the run says how much it accepts
+    proc = run_pretrain(base_overrides(tmp_path / "shards", out, **{
+        "train.max_steps": 10, "data.max_bad_fraction": 0.3}))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 10
+    assert rows[-1]["bad_samples_truncated_shard"] >= 29  # the whole first epoch's loss, and on
+    assert "bad samples skipped" in proc.stdout
+    warnings = [line for line in proc.stderr.splitlines() if "skipping shard" in line]
+    assert len(warnings) == 1 and str(victim) in warnings[0] and "truncated_shard" in warnings[0]
+    assert "Traceback" not in proc.stderr
