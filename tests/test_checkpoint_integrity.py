@@ -453,3 +453,21 @@ def test_pretrain_world2_one_rank_full_disk_stops_every_rank(small_shards, tmp_p
     assert latest_checkpoint(out).name == "step_00000002"
     resumed = run_pretrain(args, nproc=2)
     assert "step_00000002" in resumed.stdout and latest_checkpoint(out).name == "step_00000006"
+
+
+@pytest.mark.distributed
+def test_pretrain_world2_damage_in_rank1s_partition_is_every_ranks(small_shards, tmp_path):
+    """Rank 1's optimizer file is checked by rank 1 (ranks split the files); its verdict must move
+    every rank to the previous checkpoint, and the run ends where a straight run ends."""
+    extra = {"train.zero_stage": 2}
+    straight = tmp_path / "straight"
+    run_pretrain(base_overrides(small_shards, straight, **extra, **{"train.max_steps": 6}), nproc=2)
+    out = tmp_path / "run"
+    run_pretrain(base_overrides(small_shards, out, **extra, **{"train.max_steps": 4}), nproc=2)
+    rank1 = sorted((out / "checkpoints/step_00000004").glob("*rank_1_*optim_states.pt"))
+    assert len(rank1) == 1
+    flip_bytes_in_a_tensor(rank1[0])
+    proc = run_pretrain(base_overrides(small_shards, out, **extra, **{"train.max_steps": 6}), nproc=2)
+    assert rank1[0].name in proc.stdout and "resumed from" in proc.stdout, proc.stdout
+    assert (out / "checkpoints/damaged_step_00000004").is_dir()
+    assert_same_checkpoint(latest_checkpoint(out), latest_checkpoint(straight))
