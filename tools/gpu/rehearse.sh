@@ -22,7 +22,7 @@ stamp() { echo "[rehearse] $(( $(date +%s) - t0 )) s: $*"; }
 git -C "$SRC" rev-parse --verify -q HEAD >/dev/null || die "$SRC is not a git checkout with a commit"
 
 # 1. The repository as committed: what a session would carry to the GPU machine once committed.
-rm -rf "$WORK/repo" "$WORK/site" "$WORK/results"
+rm -rf "$WORK/repo" "$WORK/site" "$WORK/results" "$WORK/accept"
 mkdir -p "$WORK/repo"
 git -C "$SRC" archive HEAD | tar -x -C "$WORK/repo"
 stamp "HEAD $(git -C "$SRC" rev-parse --short HEAD) in $WORK/repo"
@@ -53,7 +53,7 @@ stamp "wheelhouse built"
 # 4. The acceptance, started the way a GPU session starts it (python3 = the image's interpreter).
 cd "$WORK/repo"
 set +e
-PATH=$VENV/bin:$PATH SITE=$WORK/site bash tools/gpu/acceptance.sh "$WORK/results" --cpu
+PATH=$VENV/bin:$PATH SITE=$WORK/site bash tools/gpu/acceptance.sh "$WORK/results" --cpu --work-dir "$WORK/accept"
 rc=$?
 set -e
 stamp "acceptance --cpu exited $rc; report: $WORK/results/gpu_report.md"
