@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .augment import BadImage
-from .loader_guard import guard_workers
+from .loader_guard import guard_workers, ignore_stop_signals
 from .shard_read import SHARD_KINDS, ShardProblem, image_and_label, read_shard, warn_shard_once
 from .shardset import ShardSet, resolve_shards
 
@@ -165,7 +165,8 @@ class EvalLoader:
         else:
             batches = guard_workers(DataLoader(
                 self.stream, batch_size=None, num_workers=self.num_workers,
-                pin_memory=self.pin_memory, persistent_workers=False), self.num_workers)
+                pin_memory=self.pin_memory, persistent_workers=False, worker_init_fn=ignore_stop_signals),
+                self.num_workers)
         for batch in batches:
             for problem in batch.pop("shards", ()):
                 self.bad_shards[problem.url] = problem.kind

@@ -22,10 +22,19 @@ from collections.abc import Iterable, Iterator
 
 from .errors import LoaderWorkerDied
 
-__all__ = ["guard_workers", "worker_died"]
+__all__ = ["guard_workers", "ignore_stop_signals", "worker_died"]
 
 _PREFIX = "DataLoader worker"
 _wrapped_handler: object = None  # the SIGCHLD handler this module installed, if any
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A worker's `worker_init_fn`: SIGINT / SIGTERM are the main process's to act on. Ctrl-C and
+    SLURM signal the whole process group; a worker that died of them would turn the trainer's
+    orderly stop (finish the step, save, exit) into a dead-worker error. A worker whose main
+    process is gone exits by itself (PyTorch's workers watch their parent)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def worker_died(torch_message: str, num_workers: int | None = None) -> LoaderWorkerDied:

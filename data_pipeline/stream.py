@@ -86,7 +86,7 @@ from . import augment as _augment
 from .augment import BadImage, MAEAugment, decode_batch
 from .augment import raw_jpeg as _raw_jpeg
 from .errors import TooManyBadSamples
-from .loader_guard import guard_workers
+from .loader_guard import guard_workers, ignore_stop_signals
 from .shard_read import SHARD_KINDS, ShardProblem, image_and_label, read_shard, warn_shard_once
 from .shardset import ShardSet, resolve_shards
 
@@ -403,7 +403,7 @@ class ShardLoader:
             batches = guard_workers(DataLoader(
                 self.stream, batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                persistent_workers=False,
+                persistent_workers=False, worker_init_fn=ignore_stop_signals,
             ), self.num_workers)
         self._seen = self._failed = 0
         for batch in batches:

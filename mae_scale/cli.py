@@ -12,28 +12,44 @@ from pathlib import Path
 
 
 def _train_and_report(build, summary) -> int:
-    """Build the trainer, run the loop, print where everything is, end the process group. A weights
-    file that does not fit (`model.init`) and the two failures a user can act on end as one line;
+    """Build the trainer, run the loop, print where everything is, end the process group. Every
+    way a run can stop that a user can act on ends as one line: bad input (a weights file that does
+    not fit, a run directory another process holds, a config change a resume cannot take) with
+    status 2; a run that cannot go on (no loadable checkpoint, a save that failed, diverged numbers,
+    too many bad samples, a dead loader worker) with 1; a signal with 128 + its number.
     `summary(result)` gives the verb's own lines of the report."""
+    from mae_scale.checkpoint import CheckpointError, CheckpointSaveError
     from mae_scale.distributed import shutdown_distributed
+    from mae_scale.runlock import RunDirBusy
+    from mae_scale.stop_signals import RunInterrupted
     from mae_scale.trainer import NonFiniteLossError
     from mae_scale.weights import WeightsError
 
-    from data_pipeline import TooManyBadSamples
+    from data_pipeline import LoaderWorkerDied, TooManyBadSamples
 
     try:
         trainer = build()
-    except WeightsError as exc:
+    except (WeightsError, RunDirBusy) as exc:
         raise UserError(str(exc)) from None
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
     try:
         result = trainer.train()
+    except RunInterrupted as exc:
+        if trainer.env.is_main:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except (CheckpointSaveError, LoaderWorkerDied) as exc:
+        trainer.fail(str(exc).splitlines()[0])
+        return 1
     except TooManyBadSamples as exc:
         trainer.fail(f"{str(exc).splitlines()[0]} (raise data.max_bad_fraction to accept more); "
                      f"the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) is untouched")
         return 1
     except NonFiniteLossError as exc:
-        trainer.fail(f"{exc}; the step was not applied and the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) "
-                     "is untouched: lower optim.blr or check the data, then run the same command to resume")
+        trainer.fail(f"{exc}; the newest checkpoint ({trainer.ckpt.latest() or 'none yet'}) is untouched: lower "
+                     "the learning rate (optim.blr or optim.lr) or check the data, then run the same command to resume")
         return 1
     if trainer.env.is_main:
         print("\ndone:")
@@ -62,7 +78,7 @@ def _pretrain(args: argparse.Namespace) -> int:
         return lines
 
     env = init_distributed()
-    return _train_and_report(lambda: Pretrainer(cfg, env), summary)  # model.init is read when built
+    return _train_and_report(lambda: Pretrainer(cfg, env, args.accept_config_change), summary)  # model.init is read when built
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -94,7 +110,7 @@ def _finetune(args: argparse.Namespace) -> int:
                          f"last {result['last_acc1']:.2f}% (top-5 {result['last_acc5']:.2f}%)")
         return lines + [f"evaluations      {result['eval_log']}"]
 
-    return _train_and_report(lambda: Finetuner(cfg, env), summary)
+    return _train_and_report(lambda: Finetuner(cfg, env, args.accept_config_change), summary)
 
 
 def _make_shards(args: argparse.Namespace) -> int:
@@ -157,6 +173,10 @@ def _config_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+ACCEPT_HELP = ("resume even though the config changes keys that alter the run (learning rate, schedule, data: "
+               "listed when refused); changes a checkpoint cannot take are refused all the same")
+
+
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2."""
 
@@ -170,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("pretrain", help="MAE pretraining (resumes by itself from the output directory)")
     p.add_argument("--config", required=True, help="YAML preset, e.g. configs/pretrain/mae_vit_tiny_smoke.yaml")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=100")
+    p.add_argument("--accept-config-change", action="store_true", help=ACCEPT_HELP)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     p.set_defaults(run=_pretrain)
 
@@ -180,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help=f"YAML preset, e.g. {example}")
         p.add_argument("--eval-only", action="store_true", help="evaluate model.init on data.val_shards; train nothing")
         p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.init=runs/mae")
+        p.add_argument("--accept-config-change", action="store_true", help=ACCEPT_HELP)
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         p.set_defaults(run=_finetune)
 

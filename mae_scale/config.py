@@ -118,6 +118,9 @@ class CheckpointConfig:
                             range="[1, inf)")
     keep_last: int = doc(2, "Complete checkpoints kept, at least 2 (the newest may be damaged on disk: the one "
                           "before is the fallback); older ones are deleted.", range="[2, inf)")
+    signal_grace_s: float = doc(25.0, "On SIGTERM / SIGINT: save a checkpoint at the end of the step under way "
+                                "if the last save took no longer than this, then stop (SLURM sends SIGKILL 30 s "
+                                "after SIGTERM unless its KillWait says otherwise).", range="[0, inf)")
 
 
 @dataclass

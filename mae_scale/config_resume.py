@@ -36,7 +36,7 @@ SAFE = {
     "output_dir", "model.init", "model.grad_checkpointing",
     "train.max_steps", "train.log_every_steps", "train.compile", "train.prefetch", "train.peak_tflops",
     "train.micro_batch_size", "train.grad_accum_steps", "train.eval_every_epochs",
-    "checkpoint.every_steps", "checkpoint.keep_last",
+    "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.signal_grace_s",
     "data.num_workers", "data.max_bad_fraction", "data.decode_device", "data.cache_dir", "data.eval_batch_size",
     "tracking.*",
 }

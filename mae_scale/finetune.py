@@ -58,10 +58,10 @@ def load_classifier_init(model: torch.nn.Module, cfg: FinetuneConfig) -> dict:
 class Finetuner(Pretrainer):
     STEP_LOGS = ("metrics.jsonl", "eval.jsonl")
 
-    def __init__(self, cfg: FinetuneConfig, env: DistEnv):
+    def __init__(self, cfg: FinetuneConfig, env: DistEnv, accept_config_change: bool = False):
         self.probe = cfg.mode == "linprobe"
         self.last_eval_step = None
-        super().__init__(cfg, env)
+        super().__init__(cfg, env, accept_config_change)
         self.param_dtype = next(self.engine.module.parameters()).dtype
         self.mixup, self.criterion = self._mixup_and_criterion()
         self.eraser = None

@@ -13,6 +13,7 @@ import json
 import math
 from collections import Counter
 import os
+import signal
 import socket
 import sys
 import time
@@ -24,13 +25,15 @@ import torch
 
 from mae_scale import faults
 from mae_scale.checkpoint import CheckpointManager, install_safe_loader
-from mae_scale.config import PretrainConfig, check_batch_layout, flatten, peak_lr, save_config, to_dict
+from mae_scale.config import PretrainConfig, check_batch_layout, check_resume, flatten, peak_lr, save_config, to_dict
 from mae_scale.device_feed import DevicePrefetcher
-from mae_scale.distributed import DistEnv, all_reduce_mean, any_rank, barrier
+from mae_scale.distributed import DistEnv, all_reduce_sum, any_rank, barrier
 from mae_scale.models import build_mae
 from mae_scale.models.compile import compile_blocks
 from mae_scale.optim import build_optimizer, cosine_lr, deepspeed_config, schedule_summary, set_lr
+from mae_scale.runlock import hold_run_dir
 from mae_scale.speed import mae_train_flops, memory_peaks, mim_train_flops, peak_flops, step_speed
+from mae_scale.stop_signals import RunInterrupted, StopSignals
 from mae_scale.tracking import Tracker, default_tracking_uri
 from mae_scale.visualize import mim_grid, normalize_on_device, reconstruction_grid, save_loss_curve
 
@@ -49,6 +52,15 @@ class NonFiniteLossError(RuntimeError):
 def derived_seed(*parts: int) -> int:
     """A 63-bit seed from integers, stable across processes and Python versions."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def _json_or_none(line: str) -> Optional[dict]:
+    """A row of a JSON-lines log, or None for a blank or torn one (a kill in the middle of a write)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def format_eta(seconds: float) -> str:
@@ -76,19 +88,20 @@ class Pretrainer:
 
     STEP_LOGS = ("metrics.jsonl",)  # JSON lines keyed by "step", cut back to the checkpoint on resume
 
-    def __init__(self, cfg: PretrainConfig, env: DistEnv):
+    def __init__(self, cfg: PretrainConfig, env: DistEnv, accept_config_change: bool = False):
         import deepspeed
 
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.output_dir)
         self.accum = check_batch_layout(cfg, env.world_size)
+        self.lock = hold_run_dir(self.run_dir, env.is_main)  # one writer per run directory, before any write
+        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.is_main)
+        self._check_config_change(accept_config_change)
         if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         barrier()
         self.shards = train_shards_spec(cfg, env)
 
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.is_main)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         model = self.build_model()
         model.to(env.device)
@@ -110,6 +123,8 @@ class Pretrainer:
 
         self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
         self.resumed_from: Optional[int] = None
+        self.last_save_s = 0.0  # how long the last save took (a signal's save must fit its grace period)
+        self.stop_signals = StopSignals()
         self.picture_step: Optional[int] = None
         self.bad_before_epoch: Counter = Counter()  # bad samples skipped in earlier epochs of this process
         run_id = self._resume()
@@ -238,13 +253,28 @@ class Pretrainer:
                            decode_device=(f"cuda:{torch.cuda.current_device()}" if d.decode_device == "cuda"
                                           else d.decode_device))
 
+    def _check_config_change(self, accept: bool) -> None:
+        """A resume never silently changes the run: the saved config against this one (every rank
+        reads the same file, so all refuse alike), before anything is overwritten."""
+        saved = self.run_dir / "config.yaml"
+        has_checkpoints = (self.ckpt.root.is_dir() and any(self.ckpt.root.iterdir()))
+        if not (saved.is_file() and has_checkpoints):
+            return
+        import yaml
+
+        changes = check_resume(yaml.safe_load(saved.read_text()) or {}, self.cfg,
+                               getattr(self.cfg, "mode", "pretrain"), accept=accept)
+        if changes and self.env.is_main:
+            print(f"resuming with a changed config: {'; '.join(changes)}", flush=True)
+
     def _resume(self) -> Optional[str]:
-        """Load the newest complete checkpoint, if any; returns the MLflow run id it recorded."""
+        """Load the newest complete checkpoint that passes its checksums and loads (a damaged one is
+        moved aside and the one before it taken), if any; returns the MLflow run id it recorded."""
         self.ckpt.remove_incomplete()
-        latest = self.ckpt.latest()
-        if latest is None:
+        found = self.ckpt.resume(self.engine)
+        if found is None:
             return None
-        state = self.ckpt.load(self.engine, latest)
+        latest, state = found
         self.global_step, self.epoch, self.step_in_epoch = state["global_step"], state["epoch"], state["step_in_epoch"]
         self.resumed_from = self.global_step
         if self.step_in_epoch >= self.steps_per_epoch:  # saved on an epoch's last step
@@ -259,8 +289,9 @@ class Pretrainer:
         for name in self.STEP_LOGS:
             path = self.run_dir / name
             if path.is_file():
-                rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
-                path.write_text("".join(r + "\n" for r in rows))
+                rows = [r for r in (_json_or_none(line) for line in path.read_text().splitlines())
+                        if r is not None and r.get("step", math.inf) <= step]
+                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def _record_attempt(self) -> None:
         """One line per start of the run: when, where, at what world size, from which step."""
@@ -324,7 +355,11 @@ class Pretrainer:
         """The step's one host synchronization: the mean loss over the ranks (and the objective's
         extras, and where DeepSpeed keeps no gradient norm, our own) read together, checked before
         the step is applied."""
-        values = {"loss": all_reduce_mean(torch.stack(step_losses).float().mean())}
+        # one all-reduce carries the loss and whether any rank was asked to stop (SIGTERM / SIGINT)
+        stop = float(self.stop_signals.requested is not None)
+        summed = all_reduce_sum(torch.stack([torch.stack(step_losses).float().mean(),
+                                             torch.tensor(stop, device=step_losses[0].device)]))
+        values = {"loss": summed[0] / self.env.world_size, "stop": summed[1]}
         values.update({k: torch.stack(v).float().mean() for k, v in self.step_extras.items()})
         if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
             # plain ZeRO-0 fp32: DeepSpeed neither checks nor records the gradient norm; the
@@ -359,6 +394,14 @@ class Pretrainer:
     # -- the loop --------------------------------------------------------------------------------
 
     def train(self) -> dict:
+        """The loop, with SIGTERM / SIGINT turned into a stop at the next step boundary."""
+        self.stop_signals.install()
+        try:
+            return self._train()
+        finally:
+            self.stop_signals.uninstall()
+
+    def _train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         peak = peak_lr(cfg)
         if self.env.is_main:
@@ -388,6 +431,8 @@ class Pretrainer:
                 self.window.update(steps=1, time=time.perf_counter() - t0, wait=data_wait, sync=self.sync_wait)
                 if self.global_step % t.log_every_steps == 0 or self.global_step == self.end_step:
                     self._log(loss, lr, started, steps_run)
+                if self.step_values["stop"]:  # every rank sees the same sum: all stop after this step
+                    self._stop_on_signal(last_saved)
                 self.after_step(micro_batches)
                 if self.global_step % cfg.checkpoint.every_steps == 0:
                     self._save()
@@ -426,7 +471,7 @@ class Pretrainer:
                "sync_wait_s": w["sync"] / w["steps"], "grad_norm": grad_norm,
                "mem_allocated_gib": memory.get("mem_allocated_gib"), "mem_reserved_gib": memory.get("mem_reserved_gib"),
                "bad_samples": sum(bad.values()), **{f"bad_samples_{kind}": n for kind, n in bad.items()},
-               **{k: v for k, v in self.step_values.items() if k not in ("loss", "grad_norm")}}
+               **{k: v for k, v in self.step_values.items() if k not in ("loss", "grad_norm", "stop")}}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.tracker.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=self.global_step)
@@ -454,9 +499,30 @@ class Pretrainer:
         return {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "mlflow_run_id": self.tracker.run_id, "world_size": self.env.world_size, "accum": self.accum}
 
+    def _stop_on_signal(self, last_saved: Optional[int]) -> None:
+        """After a SIGTERM / SIGINT: save if the last save took no longer than the grace period
+        (or none was timed yet), then stop with one line."""
+        signum = int(self.stop_signals.requested or signal.SIGTERM)
+        grace = self.cfg.checkpoint.signal_grace_s
+        if last_saved == self.global_step:
+            saved = f"checkpoint step {self.global_step} was already saved"
+        elif self.last_save_s <= grace:
+            self._save()
+            saved = f"saved checkpoint {self.ckpt.latest().name}"
+        else:
+            saved = (f"no checkpoint: the last save took {self.last_save_s:.0f} s, more than checkpoint.signal_grace_s="
+                     f"{grace:g}; the newest is {self.ckpt.latest().name if self.ckpt.latest() else 'none'}")
+        if self.env.is_main:
+            self.tracker.set_tags({"stopped_by": signal.Signals(signum).name})
+            self.tracker.finish("KILLED")
+        raise RunInterrupted(f"stopped by {signal.Signals(signum).name} after step {self.global_step}: {saved}; "
+                             "run the same command to resume", signum)
+
     def _save(self) -> Path:
         self._check_weights()
+        t0 = time.perf_counter()
         path = self.ckpt.save(self.engine, self.global_step, self._client_state(), self.env.world_size)
+        self.last_save_s = time.perf_counter() - t0
         if self.env.is_main:
             self.tracker.set_tags({"last_checkpoint": path.resolve(), "last_checkpoint_step": self.global_step})
         return path

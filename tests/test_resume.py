@@ -13,7 +13,7 @@ import pytest
 from ckpt_utils import assert_same_checkpoint
 from untrusted_files import WritesFileOnLoad
 from run_helpers import ROOT, base_overrides, pretrain_cmd, run_env, run_pretrain
-from mae_scale.checkpoint import MARKER, complete_checkpoints, latest_checkpoint
+from mae_scale.checkpoint import MARKER, complete_checkpoints, latest_checkpoint, read_marker
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,13 @@ def test_checkpoint_that_would_run_code_is_refused(small_shards, tmp_path):
     ckpt = latest_checkpoint(out)
     with open(ckpt / "mp_rank_00_model_states.pt", "wb") as fh:
         pickle.dump({"module": WritesFileOnLoad(proof)}, fh)
+    # the marker's checksum would refuse the new bytes first: record them, as a writer of the
+    # malicious file could, so that the weights-only loader itself is what refuses it
+    from mae_scale.checkpoint_integrity import file_checksum
+
+    marker = read_marker(ckpt)
+    marker["files"]["mp_rank_00_model_states.pt"] = list(file_checksum(ckpt / "mp_rank_00_model_states.pt"))
+    (ckpt / MARKER).write_text(json.dumps(marker))
     proc = run_pretrain(base_overrides(small_shards, out, **{"train.max_steps": 4}), check=False)
     assert proc.returncode != 0 and "weights_only" in proc.stderr.replace("\n", " ")
     assert not proof.exists()
