@@ -104,7 +104,7 @@ class TrainConfig:
     log_every_steps: int = doc(20, "Print and log metrics every this many optimizer steps.", range="[1, inf)")
     compile: Optional[bool] = doc(
         None, "torch.compile every transformer block in place (parameter names and checkpoints unchanged). "
-        "null: on for CUDA at ZeRO 0-2; off on a CPU (compiling costs minutes there) and at ZeRO-3.")
+        "null: on for CUDA at ZeRO 0-2; off on a CPU (compiling takes longer than short CPU runs) and at ZeRO-3.")
     prefetch: bool = doc(True, "Copy the next batch to the device (pinned host memory, non-blocking, on a side "
                          "stream on CUDA) while the current step runs.")
     peak_tflops: Optional[float] = doc(
