@@ -271,25 +271,48 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def report_crash(exc: BaseException) -> int:
+    """A failure nothing anticipated: one line naming it and the file that holds its traceback
+    (`MAE_SCALE_TRACEBACK=1` prints the traceback instead, as the tests do); status 1."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    path = Path(tempfile.gettempdir()) / f"mae-scale-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    if not os.environ.get("MAE_SCALE_TRACEBACK"):
+        try:
+            path.write_text(text)
+        except OSError:
+            path = None
+    if os.environ.get("MAE_SCALE_TRACEBACK") or path is None:
+        print(text, file=sys.stderr, end="", flush=True)
+        return 1
+    what = (str(exc).strip().splitlines() or [""])[0][:300]
+    print(f"error: unexpected {type(exc).__name__}: {what} (the traceback is in {path}; please report it with the "
+          "command that ran)", file=sys.stderr, flush=True)
+    return 1
+
+
 def entry() -> None:
     """The `mae-scale` console script and `python -m mae_scale`: `main`, then the exit.
 
     A run that started a process group leaves through `exit_process` (no interpreter
-    finalization, where gloo's threads can abort a finished run), a crash too (its traceback
-    printed, status 1); `main` itself returns normally for callers in-process (the SLURM job)."""
+    finalization, where gloo's threads can abort a finished run); a crash ends in one line
+    (`report_crash`, status 1) on every path; `main` itself returns normally for callers in-process
+    (the SLURM job)."""
     def in_process_group() -> bool:
         distributed = sys.modules.get("mae_scale.distributed")  # imported only by verbs that may start one
         return distributed is not None and distributed.process_group_started()
 
     try:
         code = main()
-    except Exception:
-        if not in_process_group():
-            raise
-        import traceback
-
-        traceback.print_exc()  # a crash in a distributed run: the traceback, then the same exit
-        code = 1
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops itself at a step boundary)
+        print("error: interrupted", file=sys.stderr, flush=True)
+        code = 130
+    except Exception as exc:
+        code = report_crash(exc)
     if in_process_group():
         sys.modules["mae_scale.distributed"].exit_process(code)
     sys.exit(code)

@@ -34,6 +34,7 @@ def pretrain_cmd(overrides: list[str], nproc: int = 1) -> list[str]:
 def run_env(**extra) -> dict:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # bitwise results depend on the thread count
+    env.setdefault("MAE_SCALE_TRACEBACK", "1")  # an unexpected crash prints its traceback into the test's log
     env.pop("MAE_SCALE_FAULT", None)
     env.update({k: str(v) for k, v in extra.items()})
     return env

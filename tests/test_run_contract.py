@@ -149,3 +149,22 @@ def test_tracking_server_that_never_answers_costs_seconds(small_shards, tmp_path
     assert proc.stderr.count("warning: MLflow tracking failed") == 1
     assert json.loads((out / "result.json").read_text())["steps"] == 2
     assert elapsed < 60, f"the run took {elapsed:.0f} s"
+
+
+def test_an_unexpected_crash_is_one_line_naming_the_traceback_file(tmp_path, monkeypatch, capsys):
+    from mae_scale.cli import report_crash
+
+    monkeypatch.delenv("MAE_SCALE_TRACEBACK", raising=False)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    try:
+        {}["missing"]
+    except KeyError as exc:
+        code = report_crash(exc)
+    err = capsys.readouterr().err
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("error: unexpected KeyError: 'missing'")
+    (saved,) = tmp_path.glob("mae-scale-crash-*.txt")
+    assert saved.name in err and "Traceback" in saved.read_text() and "{}[\"missing\"]" in saved.read_text()
