@@ -361,10 +361,10 @@ class Pretrainer:
                                              torch.tensor(stop, device=step_losses[0].device)]))
         values = {"loss": summed[0] / self.env.world_size, "stop": summed[1]}
         values.update({k: torch.stack(v).float().mean() for k, v in self.step_extras.items()})
-        if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled() and grads:
             # plain ZeRO-0 fp32: DeepSpeed neither checks nor records the gradient norm; the
             # gradients are whole and already averaged over the ranks here
-            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             values["grad_norm"] = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
         t0 = time.perf_counter()
         host = dict(zip(values, torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()))
@@ -510,7 +510,7 @@ class Pretrainer:
             self._save()
             saved = f"saved checkpoint {self.ckpt.latest().name}"
         else:
-            saved = (f"no checkpoint: the last save took {self.last_save_s:.0f} s, more than checkpoint.signal_grace_s="
+            saved = (f"no checkpoint: the last save took {self.last_save_s:.1f} s, more than checkpoint.signal_grace_s="
                      f"{grace:g}; the newest is {self.ckpt.latest().name if self.ckpt.latest() else 'none'}")
         if self.env.is_main:
             self.tracker.set_tags({"stopped_by": signal.Signals(signum).name})
