@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterable, Iterator
 
 from .errors import LoaderWorkerDied
@@ -69,6 +70,21 @@ def _wrap_sigchld() -> None:
     _wrapped_handler = handler
 
 
+def _dead_worker(it, wait_s: float = 2.0) -> str | None:
+    """PyTorch's wording for a worker of `it` that has died (waiting a moment for the kernel to
+    report it), or None if all are alive."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        for worker in getattr(it, "_workers", ()):
+            if not worker.is_alive():
+                code = worker.exitcode
+                how = f"is killed by signal: {signal.strsignal(-code)}" if code and code < 0 else f"exited ({code})"
+                return f"{_PREFIX} (pid {worker.pid}) {how}"
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
 def guard_workers(loader: Iterable, num_workers: int) -> Iterator:
     """Iterate ``loader`` (a DataLoader with worker processes); a dead worker raises
     :class:`LoaderWorkerDied` instead of PyTorch's RuntimeError."""
@@ -84,6 +100,12 @@ def guard_workers(loader: Iterable, num_workers: int) -> Iterator:
                 if str(e).startswith(_PREFIX):
                     raise worker_died(str(e), num_workers) from None
                 raise
+            except (ConnectionError, EOFError) as e:
+                # killed while handing a batch's shared memory over: the transfer breaks first
+                dead = _dead_worker(it)
+                if dead is None:
+                    raise
+                raise worker_died(dead, num_workers) from e
             yield batch
     finally:
         # Stop the workers now, not when the iterator is collected: a traceback kept by the
