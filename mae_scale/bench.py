@@ -26,7 +26,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from mae_scale.models import build_mae
+from mae_scale.cli_args import non_negative_int, positive_int
+from mae_scale.models import MODEL_NAMES, build_mae
 from mae_scale.speed import mae_train_flops, peak_flops
 
 @dataclass(frozen=True)
@@ -225,14 +226,14 @@ def variants_from_args(args: argparse.Namespace) -> list[Variant]:
 
 
 def add_bench_step_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--model", default="mae_vit_base_patch16")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--model", choices=MODEL_NAMES, default="mae_vit_base_patch16")
+    parser.add_argument("--batch", type=positive_int, default=64)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                         help="bf16: autocast (the baseline uses fp16 + GradScaler on GPU); fp32: no autocast")
-    parser.add_argument("--img-size", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3, help="the table shows the median over repeats")
+    parser.add_argument("--img-size", type=positive_int, default=224, help="a multiple of the model's patch size")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per repeat")
+    parser.add_argument("--warmup", type=non_negative_int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="the table shows the median over repeats")
     parser.add_argument("--baseline", action="store_true",
                         help="the official MAE setup: fp16 + GradScaler, unfused attention, for-loop AdamW, eager")
     parser.add_argument("--compile", action="store_true", help="torch.compile every transformer block")
@@ -244,6 +245,13 @@ def add_bench_step_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 
 
 def run_bench_step(args: argparse.Namespace) -> int:
+    from mae_scale.cli import UserError
+    from mae_scale.models.vit import VIT_ARCHS
+
+    patch = VIT_ARCHS[args.model.removeprefix("mae_")].patch_size  # MAE preset mae_X is encoder X
+    if args.img_size % patch:  # refused before minutes of model building and warmup
+        raise UserError(f"--img-size {args.img_size} is not a multiple of {args.model}'s patch size {patch}; "
+                        f"try {max(patch, args.img_size // patch * patch)}")
     result = bench_variants(args.model, args.batch, variants_from_args(args), args.steps, args.warmup,
                             args.img_size, args.repeats)
     print(json.dumps({k: v for k, v in result.items() if k != "table"}) if args.json else result["table"])

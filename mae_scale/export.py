@@ -67,6 +67,8 @@ def intact_marker(ckpt: Path) -> dict:
     records (damaged bytes must not be exported); one line naming the first bad file otherwise."""
     try:
         marker = read_marker(ckpt)
+        if not isinstance(marker, dict):  # valid JSON, but not a marker this code wrote
+            raise ValueError(f"holds a JSON {type(marker).__name__}, not an object")
     except (OSError, ValueError) as exc:
         raise _user_error(f"{ckpt / MARKER} cannot be read ({describe_error(exc)}); the checkpoint is damaged: "
                           "export an earlier checkpoints/step_* folder") from None
@@ -158,7 +160,15 @@ def _name_zero0_masters(module: dict[str, torch.Tensor], groups: list[list[torch
 
 def _zero0_fp32(ckpt: Path) -> dict[str, torch.Tensor]:
     """ZeRO-0: module states (fp32 runs) or the bf16 optimizer's fp32 masters (bf16 runs)."""
-    states = safe_torch_load(ckpt / MODEL_STATES)
+    import pickle
+
+    # A marker written before file lists were recorded vouches for nothing: the file may be absent
+    # or unreadable, which is a damaged checkpoint (one line), not a crash.
+    try:
+        states = safe_torch_load(ckpt / MODEL_STATES)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise _user_error(f"{ckpt / MODEL_STATES} cannot be read ({describe_error(exc)}); the checkpoint is "
+                          "damaged or incomplete: export an earlier checkpoints/step_* folder") from None
     module = dict(states["module"])
     groups = (states.get("optimizer") or {}).get("fp32_groups")
     state = {k: _fp32(v) for k, v in module.items()}  # frozen entries and buffers keep the module's values
@@ -221,9 +231,9 @@ def export_weights(src: str | Path, out: str | Path, with_decoder: bool = False)
     """
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        raise _user_error(f"{out}: the output must be a .safetensors file")
+    from mae_scale.cli_args import check_output_file
+
+    out = check_output_file(out, ".safetensors")  # before minutes of merging partitions, not after
     state, info = consolidate(src)
     if not with_decoder:
         state = encoder_only(state)
