@@ -32,6 +32,10 @@ from mae_scale.config import ConfigError
 SUBMITIT_DIR = "submitit"
 # Generous: in short jobs submitit counts every USR2 as a time-out, and each preemption is one too.
 MAX_NUM_TIMEOUT = 1000
+# What a run leaves in its directory (the trainer, `submit`); `status` on a folder with none of them
+# is a wrong path, not a run that has not started.
+RUN_FILES = ("config.yaml", "attempts.jsonl", "checkpoints", "slurm_jobs.jsonl", "result.json", ".lock",
+             "metrics.jsonl", SUBMITIT_DIR)
 CLUSTER_KEYS = {"partition", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "account", "qos",
                 "constraint", "exclusive", "time", "setup", "signal_delay_s", "additional_parameters"}
 
@@ -172,6 +176,12 @@ def _resolved(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--tasks-per-node {tasks} must be positive")
     if args.nodes <= 0:
         raise ConfigError(f"--nodes {args.nodes} must be positive")
+    # Also from a --cluster preset, which argparse does not see: 0 CPUs would be dropped silently
+    # (no --cpus-per-task in the sbatch script), a negative delay would never warn the job.
+    if opts["cpus_per_task"] is not None and int(opts["cpus_per_task"]) < 1:
+        raise ConfigError(f"cpus_per_task {opts['cpus_per_task']} must be positive")
+    if int(opts["signal_delay_s"]) < 0:
+        raise ConfigError(f"signal_delay_s {opts['signal_delay_s']} must be 0 or more")
     opts["tasks_per_node"] = int(tasks)
     opts["timeout_min"] = parse_time(str(opts["time"]))
     return opts
@@ -307,6 +317,8 @@ def _checkpoint_lines(run_dir: Path, verify: bool) -> tuple[list[str], bool]:
     for _, ckpt in reversed(complete_checkpoints(root)):
         try:
             marker = read_marker(ckpt)
+            if not isinstance(marker, dict):  # valid JSON that no save wrote: a damaged marker
+                raise ValueError(f"a JSON {type(marker).__name__}, not an object")
             problems = check_files(ckpt, marker, checksums=verify)
         except (OSError, ValueError) as exc:
             marker, problems = None, [f"{ckpt / 'COMPLETE'} cannot be read ({describe_error(exc)})"]
@@ -328,7 +340,8 @@ def _checkpoint_lines(run_dir: Path, verify: bool) -> tuple[list[str], bool]:
         lines.insert(0, f"newest complete checkpoint: {ckpt} (step {marker.get('step')}, world size "
                         f"{marker.get('world_size')}, ZeRO-{marker.get('zero_stage')}, saved {saved}; {checked})")
     for moved in sorted(root.glob(DAMAGED_PREFIX + "*")) if root.is_dir() else []:
-        reason = (moved / "DAMAGED.txt").read_text().strip() if (moved / "DAMAGED.txt").is_file() else "?"
+        note = moved / "DAMAGED.txt"
+        reason = note.read_text(errors="replace").strip() if note.is_file() else "?"
         lines.append(f"moved aside as damaged: {moved.name} ({reason})")
     return lines, damaged
 
@@ -338,18 +351,28 @@ def status_report(run_dir: Path, verify: bool = False) -> tuple[str, bool]:
     from mae_scale.runlock import read_holder, describe_holder
 
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise ConfigError(f"run directory {run_dir} does not exist; pass a run's output_dir")
     if not run_dir.is_dir():
-        raise ConfigError(f"run directory {run_dir} does not exist")
+        raise ConfigError(f"{run_dir} is a file, not a run directory; pass a run's output_dir")
+    if not any((run_dir / name).exists() for name in RUN_FILES):
+        raise ConfigError(f"{run_dir} is not a run directory (none of {', '.join(RUN_FILES)}); pass a run's "
+                          "output_dir, as written by pretrain, finetune, linprobe or submit")
     lines = [f"run {run_dir.resolve()}"]
     attempts_file = run_dir / "attempts.jsonl"
-    attempts = []
+    attempts, skipped = [], 0
     if attempts_file.is_file():
-        for line in attempts_file.read_text().splitlines():
+        # A report reads what it can: a torn or foreign line is counted and skipped, not a crash.
+        for line in attempts_file.read_text(errors="replace").splitlines():
             if line.strip():
                 try:
-                    attempts.append(json.loads(line))
+                    attempt = json.loads(line)
                 except json.JSONDecodeError:
-                    continue
+                    attempt = None
+                if isinstance(attempt, dict):
+                    attempts.append(attempt)
+                else:
+                    skipped += 1
     if attempts:
         lines.append(f"{'#':>3}  {'time':19}  {'world':>5}  {'resumed from':>12}  {'slurm job':>10}  {'nodes':12}  {'host':16}  mlflow run")
         for i, a in enumerate(attempts, 1):
@@ -359,17 +382,21 @@ def status_report(run_dir: Path, verify: bool = False) -> tuple[str, bool]:
                          f"{str(a.get('host', '?')):16}  {a.get('mlflow_run_id') or '-'}")
     else:
         lines.append("no attempts recorded yet (the job has not started training)")
+    if skipped:
+        lines.append(f"{skipped} unreadable line(s) of {attempts_file} skipped")
     holder = read_holder(run_dir)
-    if holder:
-        lines.append(f"run directory last taken by {describe_holder(holder)}")
+    if holder:  # a record that is not an object reads as "unreadable"
+        lines.append(f"run directory last taken by {describe_holder(holder if isinstance(holder, dict) else None)}")
     ckpt_lines, damaged = _checkpoint_lines(run_dir, verify)
     lines += ckpt_lines
     result = run_dir / "result.json"
     if result.is_file():
         try:
-            lines.append(f"finished: {json.loads(result.read_text()).get('steps')} steps")
-        except json.JSONDecodeError:
-            pass
+            finished = json.loads(result.read_text())
+        except ValueError:  # JSON or UTF-8 decoding
+            finished = None
+        lines.append(f"finished: {finished.get('steps')} steps" if isinstance(finished, dict) else
+                     f"{result} cannot be read")
     return "\n".join(lines), damaged
 
 
@@ -382,23 +409,26 @@ def status(args: argparse.Namespace) -> int:
 # -- argparse wiring ----------------------------------------------------------------------------
 
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:
+    from mae_scale.cli_args import non_negative_int, positive_int
+
     p = subparsers.add_parser("submit", help="submit pretraining, fine-tuning or linear probing to SLURM "
                               "(submitit; requeues and resumes by itself)")
     p.add_argument("--config", required=True, help="YAML preset, e.g. configs/pretrain/mae_vit_huge_patch14_800ep.yaml")
     p.add_argument("--verb", choices=["pretrain", "finetune", "linprobe"], default="pretrain",
                    help="what each task runs (default pretrain); the config must be a preset for that verb")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=None, help="one task per GPU (default 1; 0 for CPU tasks)")
-    p.add_argument("--tasks-per-node", type=int, default=None, help="CPU tasks per node where --gpus-per-node 0")
+    p.add_argument("--nodes", type=positive_int, default=1)
+    p.add_argument("--gpus-per-node", type=non_negative_int, default=None,
+                   help="one task per GPU (default 1; 0 for CPU tasks)")
+    p.add_argument("--tasks-per-node", type=positive_int, default=None, help="CPU tasks per node where --gpus-per-node 0")
     p.add_argument("--partition", default=None)
     p.add_argument("--time", default=None, help="wall-clock limit per job, HH:MM:SS")
     p.add_argument("--account", default=None)
     p.add_argument("--qos", default=None)
     p.add_argument("--constraint", default=None)
     p.add_argument("--mem", default=None, help="memory per node, e.g. 400G")
-    p.add_argument("--cpus-per-task", type=int, default=None)
+    p.add_argument("--cpus-per-task", type=positive_int, default=None)
     p.add_argument("--exclusive", action="store_true")
-    p.add_argument("--signal-delay-s", type=int, default=None,
+    p.add_argument("--signal-delay-s", type=non_negative_int, default=None,
                    help="USR2 this many seconds before the time limit (default 120): submitit requeues the job then")
     p.add_argument("--cluster", default=None, help="cluster preset YAML (configs/cluster/); options given here win")
     p.add_argument("--array", default=None, help="key=v1,v2,...: one job, run directory and MLflow run per value")
