@@ -199,10 +199,11 @@ def write_fashion_mnist_shards(
     if not src.is_dir():
         raise FileNotFoundError(f"Fashion-MNIST not found at {src}; install it with "
                                 "`apt-get install dataset-fashion-mnist` or pass --src DIR")
-    out.mkdir(parents=True, exist_ok=True)
+    # Every source file is found before anything is written; each split makes its own folder
+    # (out/train, out/val) only once its files have decoded, so bad sources leave no empty OUT.
+    sources = [(_find(src, img_name), _find(src, lbl_name)) for _, img_name, lbl_name in _SPLITS]
     result: dict[str, Path] = {}
-    for (split, img_name, lbl_name), limit in zip(_SPLITS, (train_limit, val_limit)):
-        img_path, lbl_path = _find(src, img_name), _find(src, lbl_name)
+    for (split, _, _), (img_path, lbl_path), limit in zip(_SPLITS, sources, (train_limit, val_limit)):
         settings = [split, samples_per_shard, limit, _file_sha256(img_path),
                     _file_sha256(lbl_path), "png-L/1"]
         plan = hashlib.sha256(json.dumps(settings).encode()).hexdigest()
@@ -226,12 +227,21 @@ def write_fashion_mnist_shards(
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Bad input (no IDX files, files that are not IDX, OUT a file) is one line and status 2, as
+    for every verb; the disk failing while writing is one line and status 1."""
+    from mae_scale.cli import UserError  # here: the CLI imports this module to build its parser
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; OUT must be a directory (it gets train/, val/, classes.json)")
     try:
         paths = write_fashion_mnist_shards(
             args.out, args.src, samples_per_shard=args.samples_per_shard,
             train_limit=args.train_limit, val_limit=args.val_limit, progress=not args.quiet)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        raise UserError(str(e).splitlines()[0]) from None
+    except OSError as e:
+        print(f"error: writing Fashion-MNIST shards to {out} failed: {e}", file=sys.stderr, flush=True)
         return 1
     for split, p in paths.items():
         print(f"{split}: {p}")
@@ -244,15 +254,17 @@ def add_fashion_mnist_parser(
     """Add ``fashion-mnist OUT [--src DIR] [--train-limit N] [--val-limit N]
     [--samples-per-shard N]`` to the ``data`` verb's subparsers (``mae-scale data
     fashion-mnist OUT``); ``args.run(args)`` returns the exit code."""
+    from mae_scale.cli_args import positive_int  # the CLI's shared checks: one line, status 2
+
     p = data_subparsers.add_parser(
         "fashion-mnist", help="convert Fashion-MNIST (IDX files) to train/val WebDataset shards")
     p.add_argument("out", metavar="OUT", help="output directory (gets train/, val/, classes.json)")
     p.add_argument("--src", default=DEFAULT_SRC,
                    help=f"directory with the IDX files (default: {DEFAULT_SRC}, from the Debian "
                         "package dataset-fashion-mnist)")
-    p.add_argument("--train-limit", type=int, default=None, help="keep the first N train images")
-    p.add_argument("--val-limit", type=int, default=None, help="keep the first N val images")
-    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--train-limit", type=positive_int, default=None, help="keep the first N train images")
+    p.add_argument("--val-limit", type=positive_int, default=None, help="keep the first N val images")
+    p.add_argument("--samples-per-shard", type=positive_int, default=10000)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     p.set_defaults(run=_run)
     return p
