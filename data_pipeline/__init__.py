@@ -8,6 +8,9 @@ Knows nothing about models or DeepSpeed. The pieces:
 - ``augment``: fast JPEG decode + MAE RandomResizedCrop/flip, uint8 out (normalise on device);
   ``decode_batch``: the batched (nvJPEG) decode behind ``make_loader(decode_device=...)``.
 - ``samples``: tiny real-photo data sets made offline, for demos and tests.
+- ``index`` / ``tarscan``: sample counts of shards written by others (timm ``_info.json``, wids,
+  img2dataset stats, else tar headers only); ``mix``: a weighted mix of sources as one epoch;
+  ``keys``: which members hold the image and the label (``image_key`` / ``label_key``).
 - ``shard_read``: reading one shard so that its damage costs its samples, never the run;
   ``loader_guard``: a killed loader worker as one ``LoaderWorkerDied`` line; ``errors``: the
   one-line errors (``TooManyBadSamples``, ``LoaderWorkerDied``, ``DataInputError``).

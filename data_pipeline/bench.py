@@ -83,8 +83,18 @@ def _time_pass_synced(make_iter, device: str) -> tuple[int, float]:
     return count, time.perf_counter() - t0
 
 
+def _as_mix(ss) -> list[dict]:
+    """The same shards as two sources (first half, second half), weighted by their sizes: the
+    mixed epoch then holds the very samples of the single-source one, so only the mixing differs."""
+    from .shardset import ShardSet
+
+    h = max(1, len(ss.urls) // 2)
+    halves = [ShardSet(ss.urls[:h], ss.counts[:h]), ShardSet(ss.urls[h:], ss.counts[h:])]
+    return [{"shards": x, "weight": x.total, "name": f"half{i}"} for i, x in enumerate(halves) if x.urls]
+
+
 def bench_data(shards: str, workers: int = 1, batch_size: int = 64, input_size: int = 224,
-               repeats: int = 3, decode_device: str = "cpu") -> dict:
+               repeats: int = 3, decode_device: str = "cpu", mix: bool = False) -> dict:
     if decode_device not in DECODE_DEVICES:
         raise ValueError(f"decode_device {decode_device!r} must be one of {', '.join(DECODE_DEVICES)}")
     if decode_device == "cuda" and not torch.cuda.is_available():
@@ -103,8 +113,18 @@ def bench_data(shards: str, workers: int = 1, batch_size: int = 64, input_size: 
         return DataLoader(OfficialPipeline(shard_set.urls, input_size), batch_size=batch_size, num_workers=workers)
 
     rates: dict[str, list[float]] = {ours: [], "official MAE (PIL + torchvision, float)": []}
-    for _ in range(repeats):  # alternate the two so that machine noise hits both alike
-        for name, make in zip(rates, (project, official)):
+    makers = [project, official]
+    if mix:  # --as-mix: the project's loader over the same shards as a two-source mix, alongside
+        sources = _as_mix(shard_set)
+
+        def mixed():
+            return make_loader(sources, batch_size, num_workers=workers, input_size=input_size, epoch=0,
+                               decode_device=decode_device)
+
+        rates[f"{ours}, same shards as a 2-source mix"] = []
+        makers.append(mixed)
+    for _ in range(repeats):  # alternate them so that machine noise hits all alike
+        for name, make in zip(rates, makers):
             count, seconds = _time_pass_synced(make, decode_device)
             rates[name].append(count / seconds)
     medians = {name: statistics.median(values) for name, values in rates.items()}
@@ -117,6 +137,9 @@ def bench_data(shards: str, workers: int = 1, batch_size: int = 64, input_size: 
     ]
     for name, rate in medians.items():
         lines.append(f"| {name} | {rate:.0f} | {rate / cores:.0f} | {rate / base:.2f} |")
+    if mix:
+        lines.append(f"mixing: {medians[f'{ours}, same shards as a 2-source mix'] / medians[ours]:.3f} x the "
+                     "single-source images/s")
     return {"medians": medians, "per_core": {k: v / cores for k, v in medians.items()},
             "ratio": medians[ours] / base, "decode_device": decode_device,
             "workers": workers, "samples": shard_set.total, "table": "\n".join(lines)}

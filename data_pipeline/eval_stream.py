@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .augment import BadImage
 from .loader_guard import guard_workers, ignore_stop_signals
 from .shard_read import SHARD_KINDS, ShardProblem, image_and_label, read_shard, warn_shard_once
+from .keys import DEFAULT_KEYS, SampleKeys, parse_keys
 from .shardset import ShardSet, resolve_shards
 
 __all__ = ["make_eval_loader", "EvalLoader", "split_range"]
@@ -57,8 +58,9 @@ class EvalStream(IterableDataset):
     """One rank's samples; each (DataLoader) worker yields the batches of its own run."""
 
     def __init__(self, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
-                 num_workers: int, transform: Transform) -> None:
+                 num_workers: int, transform: Transform, keys: SampleKeys = DEFAULT_KEYS) -> None:
         self.ss, self.batch_size, self.transform = shardset, batch_size, transform
+        self.keys = keys
         self.W = max(num_workers, 1)
         self.lo, self.hi = split_range(shardset.total, world_size, rank)
         self.starts = [0]
@@ -94,7 +96,7 @@ class EvalStream(IterableDataset):
                     yield key, members
 
     def _decode(self, key: str | None, members: dict | None) -> tuple[int, torch.Tensor]:
-        data, label = image_and_label(members)
+        data, label = image_and_label(members, self.keys)
         try:
             return label, self.transform(data, None)
         except BadImage:
@@ -185,11 +187,14 @@ def make_eval_loader(
     num_workers: int = 0,
     transform: Transform,
     pin_memory: bool = False,
+    image_key: str | None = None,
+    label_key: str | None = None,
 ) -> EvalLoader:
     """This rank's share of every sample of ``shards``, exactly once over all ranks, unshuffled
     (see the module docstring). ``transform``: ``(bytes, generator) -> uint8 [3, S, S]``, called
     with ``generator=None`` (e.g. ``EvalTransform``); it must be picklable when
-    ``num_workers > 0``. Samples without a ``.cls`` member get label -1."""
+    ``num_workers > 0``. Unlabelled samples (no ``label_key`` member or field, or a negative one:
+    ``keys.py``) get label -1; ``image_key`` / ``label_key`` as in ``make_loader``."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
@@ -199,7 +204,8 @@ def make_eval_loader(
     if not callable(transform):
         raise ValueError(f"transform must be a callable (bytes, generator) -> uint8 [3, S, S], "
                          f"got {transform!r}")
+    keys = parse_keys(image_key, label_key)
     ss = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
     stream = EvalStream(ss, batch_size=batch_size, rank=rank, world_size=world_size,
-                        num_workers=num_workers, transform=transform)
+                        num_workers=num_workers, transform=transform, keys=keys)
     return EvalLoader(stream, num_workers, pin_memory)

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from webdataset import gopen
 
 from .augment import BadImage
-from .tario import IMAGE_EXTS, UnsafeSample, iter_tar_samples
+from .keys import DEFAULT_KEYS, SampleKeys
+from .tario import UnsafeSample, iter_tar_samples
 
 __all__ = ["ShardProblem", "read_shard", "count_shard", "warn_shard_once", "image_and_label",
            "SHARD_KINDS"]
@@ -139,22 +140,17 @@ def warn_shard_once(problem: ShardProblem, what: str = "") -> None:
                 problem.url, problem.kind, problem.reason, from_, problem.kind, what)
 
 
-def image_and_label(members: Members) -> tuple[bytes, int]:
-    """A sample's image bytes and integer label (-1 when it has no .cls); BadImage when the sample
-    is lost with its shard, has an unsafe member, no image member, or a non-integer .cls."""
+def image_and_label(members: Members, keys: SampleKeys = DEFAULT_KEYS) -> tuple[bytes, int]:
+    """A sample's image bytes and integer label (-1 when unlabelled: see ``keys.py``); BadImage
+    when the sample is lost with its shard, has an unsafe member, no image member of ``keys``,
+    or a label that is not an integer."""
     if isinstance(members, BadImage):
         raise BadImage(members.kind, members.reason)  # a fresh one: each raise its own traceback
     if members is None:
         raise BadImage("missing", "shard has fewer samples than its manifest says")
     if isinstance(members, UnsafeSample):
         raise BadImage("unsafe_member", members.reason)
-    ext = next((e for e in IMAGE_EXTS if e in members), None)
-    if ext is None:
-        raise BadImage("no_image", f"no image member (has {sorted(members)})")
-    label = -1
-    if "cls" in members:
-        try:
-            label = int(members["cls"].decode().strip())
-        except (ValueError, UnicodeDecodeError):
-            raise BadImage("bad_label", f"non-integer .cls {members['cls'][:20]!r}") from None
-    return members[ext], label
+    data = keys.image(members)
+    if data is None:
+        raise BadImage("no_image", f"no image member {keys.image_key!r} (has {sorted(members)})")
+    return data, keys.label(members)

@@ -9,6 +9,9 @@ a byte of data (``stream.py``). Layout::
     out_dir/manifest.json      {"format": "mae-scale-shards/1", "prefix", "shards": [{"name",
                                 "samples", "bytes", "sha256"}], "total", "num_classes", "classes",
                                 "samples_per_shard", "max_bytes_per_shard", "seed", "plan"}
+    out_dir/_info.json         timm's split info (splits.<prefix>: num_samples, filenames,
+                                shard_lengths), for timm / Hugging Face WebDataset readers
+    out_dir/shardindex.json    a wids index (shardlist: url, nsamples, filesize), for wids
 
 A shard holds at most ``samples_per_shard`` samples and, when ``max_bytes_per_shard`` is set, at
 most that many bytes (unless one sample alone is larger).
@@ -44,7 +47,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataInputError
-from .tario import IMAGE_EXTS, UnsafeSample, iter_tar_samples
+from .tario import IMAGE_EXTS
 
 __all__ = ["write_shards", "read_manifest", "verify_shards", "MANIFEST_FORMAT", "MANIFEST_NAME"]
 
@@ -400,7 +403,20 @@ def write_shards(
         "plan": plan,
     }
     _atomic_write_json(out / MANIFEST_NAME, manifest)
+    _write_foreign_indexes(out, prefix, entries)
     return manifest
+
+
+def _write_foreign_indexes(out: Path, prefix: str, entries: list[dict]) -> None:
+    """The same counts in the two index formats other readers know, so the shards need no pre-read
+    there either: timm's ``_info.json`` (split = the prefix, as timm's ``reader_wds`` reads it) and a
+    wids index (``shardindex.json``, wids' default name; URLs relative to the folder)."""
+    _atomic_write_json(out / "_info.json", {"name": prefix, "splits": {prefix: {
+        "name": prefix, "num_samples": sum(e["samples"] for e in entries),
+        "filenames": [e["name"] for e in entries], "shard_lengths": [e["samples"] for e in entries]}}})
+    _atomic_write_json(out / "shardindex.json", {
+        "__kind__": "wids-shard-index-v1", "wids_version": 1, "name": prefix,
+        "shardlist": [{"url": e["name"], "nsamples": e["samples"], "filesize": e["bytes"]} for e in entries]})
 
 
 def _plan_in(path: Path) -> str | None:
@@ -481,98 +497,4 @@ def read_manifest(path_or_dir: str | os.PathLike) -> dict:
     return m
 
 
-class _HashingReader(io.RawIOBase):
-    """Read-through file wrapper that hashes what passes, so verify reads each shard once."""
-
-    def __init__(self, f: io.BufferedReader) -> None:
-        self.f, self.h, self.n = f, hashlib.sha256(), 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        b = self.f.read(size)
-        self.h.update(b)
-        self.n += len(b)
-        return b
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-def verify_shards(out_dir: str | os.PathLike) -> list[str]:
-    """Re-read every shard against the manifest; return the problems found (empty: all good).
-
-    Checks existence, size, sha256, per-shard sample count, one image member per sample, integer
-    in-range labels when the set is labelled, unique keys, and unlisted shard files.
-    """
-    out = Path(out_dir)
-    try:
-        m = read_manifest(out)
-    except (OSError, ValueError) as e:
-        return [str(e)]
-    problems: list[str] = []
-    labelled = m["num_classes"] > 0
-    keys: set[str] = set()
-    for entry in m["shards"]:
-        name, path = entry["name"], out / entry["name"]
-        if not path.exists():
-            problems.append(f"{name}: missing")
-            continue
-        if path.stat().st_size != entry["bytes"]:
-            problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
-        n = 0
-        try:
-            f = open(path, "rb")
-        except OSError as e:  # a directory in its place, permissions
-            problems.append(f"{name}: cannot be opened ({e.strerror or e})")
-            continue
-        with f:
-            r = _HashingReader(f)
-            try:
-                for _, key, members in iter_tar_samples(r):
-                    n += 1
-                    found = _sample_problems(key, members, labelled, m["num_classes"])
-                    problems.extend(f"{name}: {p}" for p in found)
-                    if key in keys:
-                        problems.append(f"{name}: duplicate key {key}")
-                    keys.add(key)
-            except MemoryError:
-                raise
-            except Exception as e:  # tarfile, gzip, zlib, lzma, OSError: a damaged shard
-                problems.append(f"{name}: unreadable tar ({type(e).__name__}: {e})")
-            try:
-                r.drain()
-            except OSError as e:
-                problems.append(f"{name}: I/O error ({e.strerror or e})")
-                continue
-        if r.h.hexdigest() != entry["sha256"]:
-            problems.append(f"{name}: sha256 differs from the manifest")
-        if n != entry["samples"]:
-            problems.append(f"{name}: {n} samples, manifest says {entry['samples']}")
-    listed = {e["name"] for e in m["shards"]}
-    problems.extend(f"{p.name}: shard file not in the manifest"
-                    for p in sorted(out.glob(f"{m['prefix']}-*.tar")) if p.name not in listed)
-    return problems
-
-
-def _sample_problems(
-    key: str, members: dict[str, bytes] | None, labelled: bool, num_classes: int
-) -> list[str]:
-    if isinstance(members, UnsafeSample):
-        return [f"{key}: unsafe tar member, never extracted ({members.reason})"]
-    members = members or {}
-    out = []
-    if not any(e in members for e in IMAGE_EXTS):
-        out.append(f"{key}: no image member (has {sorted(members)})")
-    elif not next(members[e] for e in IMAGE_EXTS if e in members):
-        out.append(f"{key}: zero-byte image")
-    if labelled:
-        try:
-            label = int(members["cls"].decode().strip())
-            if not 0 <= label < num_classes:
-                out.append(f"{key}: label {label} outside [0, {num_classes})")
-        except (KeyError, ValueError, UnicodeDecodeError):
-            out.append(f"{key}: missing or non-integer .cls")
-    return out
+from .verify import verify_shards  # noqa: E402  (re-exported: the writer's counterpart)

@@ -39,6 +39,9 @@ the skipped part, and every rank keeps the same length. A worker whose bad share
 also when raised in a worker). A worker process killed from outside raises
 :class:`LoaderWorkerDied` (``loader_guard.py``).
 
+A weighted mix of sources (``shards`` as a list of ``{shards, weight}``) is one such epoch over
+positions drawn from the sources (``mix.py``); everything below holds for it unchanged.
+
 Resampled mode (``resampled=True``): an infinite-style stream cut into epochs of
 ``epoch_samples`` samples over all ranks (default: the data set's size), drawn *with
 replacement*, as webdataset's ``ResampledShards`` does, but still a pure function of the
@@ -80,14 +83,15 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
-from . import augment as _augment
-from .augment import BadImage, MAEAugment, decode_batch
+from .augment import BadImage, MAEAugment
 from .augment import raw_jpeg as _raw_jpeg
 from .errors import TooManyBadSamples
-from .loader_guard import guard_workers, ignore_stop_signals
-from .shard_read import SHARD_KINDS, ShardProblem, image_and_label, read_shard, warn_shard_once
+from .keys import DEFAULT_KEYS, SampleKeys, parse_keys
+from .loader import ShardLoader, _decode_device  # the main-process side of the stream
+from .mix import Mix, MixedEpoch, MixFetcher, is_mix_spec, resolve_mix
+from .shard_read import SHARD_KINDS, ShardProblem, image_and_label, read_shard
 from .shardset import ShardSet, resolve_shards
 
 __all__ = ["make_loader", "ShardLoader", "ShardSet", "resolve_shards", "TooManyBadSamples",
@@ -155,8 +159,11 @@ class ShardStream(IterableDataset):
     def __init__(self, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
                  num_workers: int, epoch: int, seed: int, skip_batches: int, augment: Augment,
                  max_bad_fraction: float, shuffle_buffer: int, resampled: bool = False,
-                 epoch_samples: int | None = None, raw_jpeg: bool = False) -> None:
-        self.ss = shardset
+                 epoch_samples: int | None = None, raw_jpeg: bool = False,
+                 keys: SampleKeys = DEFAULT_KEYS, mix: Mix | None = None) -> None:
+        self.ss = shardset if mix is None else mix.sources[0].shards
+        self.keys, self.mix = keys, mix
+        self._mixed: MixedEpoch | None = None  # the epoch's source sequence, made on first use
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.W = max(num_workers, 1)
         self.epoch, self.seed, self.skip_batches = epoch, seed, skip_batches
@@ -164,16 +171,24 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
         self.raw_jpeg = raw_jpeg  # batched decode: JPEGs leave the worker undecoded (_RawJPEG)
-        self.epoch_samples = shardset.total if epoch_samples is None else epoch_samples
-        n = self.epoch_samples if resampled else shardset.total
+        if mix is not None:
+            self.epoch_samples = mix.epoch_samples
+        elif self.ss.counts is None:  # remote shards without an index: resampled only
+            if not resampled or epoch_samples is None:
+                raise ValueError("shards without sample counts (no index) need resampled=True and "
+                                 "epoch_samples")
+            self.epoch_samples = epoch_samples
+        else:
+            self.epoch_samples = self.ss.total if epoch_samples is None else epoch_samples
+        n = self.epoch_samples if resampled or mix is not None else self.ss.total
         self.per = (n // (world_size * self.W)) // batch_size * batch_size
         self._aug_key: tuple[int, ...] = ()  # resampled: (rank, worker), set per worker
         self._layouts: dict[int, tuple[list[int], list[int]]] = {}
         self._problems: list[ShardProblem] = []  # damaged shards met, not yet handed on
         # shard order and each shard's first global position in this epoch's stream
-        perm = np.random.default_rng([seed & _M64, epoch, 0x5EED]).permutation(len(shardset.urls))
+        perm = np.random.default_rng([seed & _M64, epoch, 0x5EED]).permutation(len(self.ss.urls))
         self.order = perm.tolist()
-        counts = [shardset.counts[i] for i in self.order]
+        counts = [self.ss.counts[i] if self.ss.counts else 0 for i in self.order]
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
 
     @property
@@ -232,9 +247,26 @@ class ShardStream(IterableDataset):
         start = 0 if self.resampled else r * self.per
         return _bounded_shuffle(start, self.per, self.shuffle_buffer, rng)
 
+    def _fetcher(self, needed: list[int], worker: int):
+        """Random access to ``needed`` positions (in about increasing order) of this epoch."""
+        if self.mix is None:
+            return _Fetcher(self._read(set(needed), min(needed), max(needed), worker))
+        if self._mixed is None:
+            self._mixed = MixedEpoch(self.mix, self.seed, self.epoch)
+        # late-bound: _problems is replaced each time the batches hand their problems on
+        return MixFetcher(self._mixed, needed, lambda p: self._problems.append(p), _Fetcher)
+
+    def _sources(self, fetch, positions: list[int]) -> dict[str, int]:
+        if self.mix is None:
+            return {}
+        return fetch.sources(positions, [s.name for s in self.mix.sources])
+
     def _read(self, needed: set[int], lo: int, hi: int,
               worker: int) -> Iterator[tuple[int, str, dict | None]]:
         """Samples at positions lo..hi in order; data read only for ``needed`` positions."""
+        if self.ss.counts is None:
+            yield from self._read_uncounted(needed, hi, worker)
+            return
         order, starts = self.layout(worker)
         for t, shard in enumerate(order):
             s, c = starts[t], self.ss.counts[shard]
@@ -247,6 +279,30 @@ class ShardStream(IterableDataset):
             ):
                 yield s + i, key, members
 
+    def _read_uncounted(self, needed: set[int], hi: int,
+                        worker: int) -> Iterator[tuple[int, str, dict | None]]:
+        """Resampled mode over shards of unknown length (remote, no index): shards drawn
+        uniformly by (seed, epoch, rank, worker), each read whole, positions numbered as the
+        samples arrive. Still a pure function of the arguments and the shards' bytes, but a
+        resumed worker reads (without decoding) everything before its position again."""
+        rng = np.random.default_rng([self.seed & _M64, self.epoch, self.rank, worker, 0x2E5B])
+        pos, empty = 0, 0
+        while True:
+            for shard in rng.integers(0, len(self.ss.urls), size=64).tolist():
+                got = 0
+                for i, key, members in read_shard(self.ss.urls[shard],
+                                                  want=lambda i, s=pos: s + i in needed,
+                                                  on_problem=self._problems.append):
+                    if pos + i > hi:
+                        return
+                    got = i + 1
+                    yield pos + i, key, members
+                pos += got
+                empty = 0 if got else empty + 1
+                if empty >= 64:
+                    raise TooManyBadSamples(f"64 shards drawn in a row gave no sample (e.g. "
+                                            f"{self.ss.urls[shard]}); check the shard URLs")
+
     def _worker(self, worker: int) -> Iterator[dict]:
         B = self.batch_size
         skip = self.worker_skip(worker)
@@ -254,7 +310,7 @@ class ShardStream(IterableDataset):
         if not todo:
             return
         self._aug_key = (self.rank, worker, 0x2E5A) if self.resampled else ()
-        fetch = _Fetcher(self._read(set(todo), min(todo), max(todo), worker))
+        fetch = self._fetcher(todo, worker)
         aug_gen = torch.Generator()
         bad_total, seen, logged = 0, 0, 0
         bad_kinds: Counter[str] = Counter()
@@ -296,13 +352,15 @@ class ShardStream(IterableDataset):
                 "label": torch.tensor([g[3] for g in good], dtype=torch.int64),
                 "bad": dict(bad),
                 "shards": self._take_problems(),
+                "sources": self._sources(fetch, [g[0] for g in good]),
+                "unlabelled": sum(g[3] < 0 for g in good),
             }
 
     def _decode(self, pos: int, got: tuple[str, dict] | None, gen: torch.Generator,
                 repeat: int) -> tuple[int, torch.Tensor] | BadImage:
         """(label, image) or the reason the sample is bad."""
         try:
-            data, label = image_and_label(None if got is None else got[1])
+            data, label = image_and_label(None if got is None else got[1], self.keys)
         except BadImage as e:
             return e
         # resampled: positions are per worker and samples repeat, so the worker is in the key
@@ -332,10 +390,7 @@ class ShardStream(IterableDataset):
             later, earlier = order[done:], order[: done - B]
             donor = self._first_good(later, fetch, gen)
             if donor is None and earlier:
-                donor = self._first_good(
-                    earlier,
-                    _Fetcher(self._read(set(earlier), min(earlier), max(earlier), worker)), gen
-                )
+                donor = self._first_good(earlier, self._fetcher(earlier, worker), gen)
             if donor is None:
                 raise TooManyBadSamples(
                     f"rank {self.rank}: no sample in its worker range {worker} decodes; check "
@@ -362,95 +417,8 @@ class ShardStream(IterableDataset):
         return None
 
 
-class ShardLoader:
-    """Iterable of batches ``{"image": uint8 [B,3,S,S], "key": list[str], "label": int64 [B]}``
-(``image`` on the decode device when ``decode_device`` is not ``"cpu"``).
-
-    ``len()`` is the full epoch's batch count for this rank (identical on all ranks, unaffected
-    by ``skip_samples``); ``remaining`` is what one iteration yields. ``bad_counts`` holds the
-    bad samples by kind seen during the current/last iteration.
-    """
-
-    def __init__(self, stream: ShardStream, num_workers: int, pin_memory: bool,
-                 prefetch_factor: int | None, decode_device: torch.device | None = None) -> None:
-        self.stream = stream
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.prefetch_factor = prefetch_factor
-        self.decode_device = decode_device  # None: workers decode (the CPU path)
-        self.bad_counts: Counter[str] = Counter()
-        self.bad_shards: dict[str, str] = {}  # url -> kind of each damaged shard met
-        self._seen = self._failed = 0
-
-    def __len__(self) -> int:
-        return self.stream.W * self.stream.batches_per_worker
-
-    @property
-    def remaining(self) -> int:
-        return len(self) - self.stream.skip_batches
-
-    @property
-    def samples_per_epoch(self) -> int:
-        """Samples this rank sees per epoch (``len(self) * batch_size``)."""
-        return len(self) * self.stream.batch_size
-
-    def __iter__(self) -> Iterator[dict]:
-        self.bad_counts = Counter()
-        self.bad_shards = {}
-        if self.num_workers == 0:
-            batches: Iterator[dict] = iter(self.stream)
-        else:
-            batches = guard_workers(DataLoader(
-                self.stream, batch_size=None, num_workers=self.num_workers,
-                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                persistent_workers=False, worker_init_fn=ignore_stop_signals,
-            ), self.num_workers)
-        self._seen = self._failed = 0
-        for batch in batches:
-            for problem in batch.pop("shards", ()):
-                self.bad_shards[problem.url] = problem.kind
-                warn_shard_once(problem)
-            if "error" in batch:
-                raise TooManyBadSamples(batch["error"])
-            self.bad_counts.update(batch.pop("bad"))
-            if self.decode_device is not None:
-                self._decode(batch)
-            yield batch
-
-    def _decode(self, batch: dict) -> None:
-        """Batched decode in this process (see ``make_loader(decode_device=...)``). A JPEG that
-        no decoder reads (caught here, not in the worker) is bad: its slot gets a flipped copy
-        of the next good image of the batch (and its key/label)."""
-        imgs = decode_batch(batch["image"], self.stream.augment, self.decode_device)
-        good = [k for k, im in enumerate(imgs) if im is not None]
-        failed = len(imgs) - len(good)
-        self._seen += len(imgs)
-        self._failed += failed
-        # judged like a worker's share (see _worker), over what this iteration decoded
-        if not good or (self._seen >= min(_MIN_JUDGED, self.remaining * len(imgs))
-                        and self._failed > self.stream.max_bad_fraction * self._seen):
-            raise TooManyBadSamples(
-                f"{self._failed} of {self._seen} samples failed the batched decode in the main "
-                f"process, above max_bad_fraction={self.stream.max_bad_fraction}; check the "
-                "shards with data_pipeline.verify_shards"
-            )
-        if failed:
-            self.bad_counts["undecodable"] += failed
-            log.warning("%d sample(s) of batch %s failed to decode in the main process",
-                        failed, batch["key"])
-            labels = batch["label"].clone()
-            for k in range(len(imgs)):
-                if imgs[k] is None:
-                    d = next((g for g in good if g > k), good[0])
-                    imgs[k] = imgs[d].flip(-1)
-                    batch["key"][k] = batch["key"][d]
-                    labels[k] = labels[d]
-            batch["label"] = labels
-        batch["image"] = torch.stack(imgs)
-
-
 def make_loader(
-    shards: str | os.PathLike | Sequence[str | os.PathLike] | ShardSet,
+    shards: str | os.PathLike | Sequence[str | os.PathLike] | ShardSet | Sequence[dict] | Mix,
     batch_size: int,
     *,
     rank: int = 0,
@@ -468,6 +436,8 @@ def make_loader(
     resampled: bool = False,
     epoch_samples: int | None = None,
     decode_device: str = "cpu",
+    image_key: str | None = None,
+    label_key: str | None = None,
 ) -> ShardLoader:
     """The batches of one rank for one epoch; see the module docstring for the exact semantics.
 
@@ -485,6 +455,11 @@ def make_loader(
     batch with ``torchvision.io.decode_jpeg(list, device=...)`` (batched nvJPEG), crops, resizes
     and flips there, and ``batch["image"]`` lives on that device. Non-JPEG and CMYK images are
     still done by the workers. ``"cpu-batched"`` runs that same path on the CPU (for tests).
+
+    ``shards`` as a list of ``{"shards": SPEC, "weight": W, "name": optional}`` (or a
+    :class:`Mix`): a weighted mix of sources, epochs of ``epoch_samples`` (default: the sum of
+    the sources' sizes; see ``mix.py``). ``image_key`` / ``label_key``: which members hold the
+    image and the label (``keys.py``; default ``jpg;jpeg;png;webp;...`` and ``cls``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -495,11 +470,21 @@ def make_loader(
     if skip_samples < 0 or skip_samples % batch_size:
         raise ValueError(f"skip_samples={skip_samples} must be a non-negative multiple of "
                          f"batch_size={batch_size} (it counts whole consumed batches)")
-    if epoch_samples is not None and not resampled:
-        raise ValueError("epoch_samples only applies with resampled=True")
+    mixed = isinstance(shards, Mix) or is_mix_spec(shards)
+    if epoch_samples is not None and not resampled and not mixed:
+        raise ValueError("epoch_samples only applies with resampled=True or a mix of sources")
+    if mixed and resampled:
+        raise ValueError("resampled=True does not combine with a mix of sources (a mix already "
+                         "draws each source in proportion to its weight)")
     if epoch_samples is not None and epoch_samples < 1:
         raise ValueError(f"epoch_samples must be >= 1, got {epoch_samples}")
-    ss = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
+    keys = parse_keys(image_key, label_key)
+    mix = None
+    if mixed:
+        mix = shards if isinstance(shards, Mix) else resolve_mix(shards, epoch_samples)
+        ss = mix.sources[0].shards
+    else:
+        ss = shards if isinstance(shards, ShardSet) else resolve_shards(shards, resampled=resampled)
     aug = MAEAugment(input_size) if augment == "mae" else augment
     if not callable(aug):
         raise ValueError(f"augment must be 'mae' or a callable, got {augment!r}")
@@ -508,11 +493,12 @@ def make_loader(
         ss, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
         epoch=epoch, seed=seed, skip_batches=skip_samples // batch_size, augment=aug,
         max_bad_fraction=max_bad_fraction, shuffle_buffer=shuffle_buffer, resampled=resampled,
-        epoch_samples=epoch_samples, raw_jpeg=dev is not None,
+        epoch_samples=epoch_samples, raw_jpeg=dev is not None, keys=keys, mix=mix,
     )
     W = stream.W
     if stream.per == 0:
-        n = f"epoch_samples={stream.epoch_samples}" if resampled else f"{ss.total} samples"
+        n = (f"epoch_samples={stream.epoch_samples}" if resampled or mix is not None
+             else f"{ss.total} samples")
         raise ValueError(
             f"{n} cannot give each of {world_size} ranks x {W} workers one batch "
             f"of {batch_size}; lower batch_size or num_workers, or add data"
@@ -523,22 +509,3 @@ def make_loader(
         raise ValueError(f"skip_samples={skip_samples} is more than this rank's epoch of "
                          f"{len(loader) * batch_size} samples")
     return loader
-
-
-def _decode_device(decode_device: str, aug: Augment) -> torch.device | None:
-    """None for the CPU (worker) path, else the device of the batched decode."""
-    if decode_device == "cpu":
-        return None
-    dev = torch.device("cpu") if decode_device == "cpu-batched" else torch.device(decode_device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"decode_device={decode_device!r} needs a CUDA GPU, but torch.cuda.is_available() "
-            "is False; use decode_device='cpu' (workers decode) instead"
-        )
-    if not isinstance(aug, MAEAugment):
-        raise ValueError(f"decode_device={decode_device!r} needs augment='mae' or a MAEAugment "
-                         f"(it draws crops before decoding), got {aug!r}")
-    if _augment.decode_jpeg is None:
-        raise RuntimeError("decode_device other than 'cpu' needs torchvision.io.decode_jpeg, "
-                           "which this torchvision lacks")
-    return dev
