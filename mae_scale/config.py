@@ -15,7 +15,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -52,11 +52,19 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: str = doc(
+    train_shards: Union[str, list[dict]] = doc(
         "builtin",
-        "WebDataset shards: a manifest.json, a shard directory, a brace pattern, or `builtin` "
-        "(a small set of real photos made from packaged images, for smoke runs).",
+        "WebDataset shards: a manifest.json, a shard directory (ours, or foreign shards counted from timm's "
+        "_info.json, a wids index, img2dataset _stats.json or their tar headers), a wids / _info.json file, a "
+        "brace pattern, or `builtin` (a small set of real photos made from packaged images, for smoke runs); "
+        "or a weighted mix: a list of {shards: ..., weight: W, name: optional} (epochs of data.epoch_samples, "
+        "default the sum of the sources' sizes).",
     )
+    image_key: str = doc("jpg;jpeg;png;webp;bmp;tif;tiff;gif;ppm",
+                         "Tar member extensions that hold the image, ';'-separated, matched on the whole extension "
+                         "after the key (`input.jpg` takes KEY.input.jpg); the first present wins.")
+    label_key: str = doc("cls", "Member holding the label: an extension (`cls`: an ASCII integer) or EXT:FIELD for a "
+                         "field of a JSON member (`json:label`); missing or negative: unlabelled.")
     input_size: int = doc(224, "Side of the square crop fed to the model, in pixels (a multiple of the patch size).",
                            range="[1, inf)")
     crop_scale_min: float = doc(0.2, "Smallest RandomResizedCrop area share (the paper: 0.2).", range="(0, 1]")
@@ -66,8 +74,9 @@ class DataConfig:
                                    range="[0, 1]")
     cache_dir: str = doc("", "Where `builtin` data is made (default: ~/.cache/mae-scale).")
     resampled: bool = doc(False, "Draw samples with replacement (random shards); epochs of `epoch_samples` samples.")
-    epoch_samples: Optional[int] = doc(None, "Samples per epoch over all ranks in resampled mode (None: the data set's "
-                                        "size).", range="[1, inf)")
+    epoch_samples: Optional[int] = doc(None, "Samples per epoch over all ranks in resampled mode or for a mix of "
+                                        "sources (None: the data set's size, or the sum of the sources').",
+                                        range="[1, inf)")
     decode_device: str = doc(
         "cpu", "Where JPEGs are decoded: `cpu` (in the workers), `cuda` (batched nvJPEG on the GPU, for when "
         "the CPU cores cannot keep up), or `cpu-batched` (the same batched path on the CPU).")
@@ -191,17 +200,23 @@ def validate(cfg: PretrainConfig, scope: Scope = "run") -> None:
     checks.check_objective_fields(cfg)
     if m.init and not Path(m.init).exists():
         raise ConfigError(f"model.init={m.init!r} does not exist; point it at a .pth/.safetensors file or a run directory")
-    if d.epoch_samples is not None and not d.resampled:
-        raise ConfigError(f"data.epoch_samples={d.epoch_samples} needs data.resampled=true (or set it to null)")
+    mixed = not isinstance(d.train_shards, str)
+    if d.epoch_samples is not None and not d.resampled and not mixed:
+        raise ConfigError(f"data.epoch_samples={d.epoch_samples} needs data.resampled=true or a mix of sources in "
+                          "data.train_shards (or set it to null)")
+    checks.check_sample_keys(d.image_key, d.label_key)
     validate_training(cfg)
     checks.check_decode_device(d.decode_device, here=scope == "run")
     if scope != "plan":
         checks.check_output_dir(cfg.output_dir)
         if d.cache_dir or d.train_shards == "builtin":
             checks.check_writable_dir("data.cache_dir", d.cache_dir or str(Path.home() / ".cache" / "mae-scale"))
-        size = checks.check_shards("data.train_shards", d.train_shards,
-                                   hint="shards written by `mae-scale make-shards`, or use `builtin`")
-        checks.check_epoch_holds_a_batch("data.train_shards", d.epoch_samples if d.resampled and d.epoch_samples else size,
+        # remote shards need counts (an index) unless resampled with a given epoch length
+        size = checks.check_mix("data.train_shards", d.train_shards,
+                                hint="shards written by `mae-scale make-shards`, or use `builtin`",
+                                resampled=d.resampled and (mixed or d.epoch_samples is not None))
+        checks.check_epoch_holds_a_batch("data.train_shards",
+                                         d.epoch_samples if (d.resampled or mixed) and d.epoch_samples else size,
                                          cfg.train.global_batch_size)
 
 

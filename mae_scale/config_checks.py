@@ -4,13 +4,15 @@ run directory, shards whose manifest reads, a device that exists, an epoch that 
 
 Used by `mae_scale.config.validate` and `mae_scale.finetune_config.validate_finetune`, before any
 work: every rule raises `ConfigError` with one line naming the key and what to do. Nothing here
-reads a tar: sample counts come from the manifest (or the size of the built-in set).
+reads a tar: sample counts come from the manifest, a foreign index (timm _info.json, wids,
+img2dataset stats) or the size of the built-in set.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -166,16 +168,63 @@ def _listed_total(key: str, folder: Path, names: list[str]) -> Optional[int]:
     return sum(counts[n] for n in names) if all(n in counts for n in names) else None
 
 
-def _pattern_hint(folder: Path, tars: list[Path]) -> str:
-    first, last = (re.fullmatch(r"(.*?)(\d+)\.tar", t.name) for t in (tars[0], tars[-1]))
-    if first and last and first[1] == last[1] and len(first[2]) == len(last[2]):
-        return f"{folder}/{first[1]}{{{first[2]}..{last[2]}}}.tar"
-    return f"{folder}/NAME-{{000000..000009}}.tar"
+def _foreign_total(key: str, urls: list[str], resampled: bool) -> Optional[int]:
+    """Samples of tars that our manifest does not list, from an index beside them (timm _info.json,
+    wids, img2dataset stats; no tar is read); None when only their headers would say. Remote shards
+    without an index are refused unless the run is resampled."""
+    from data_pipeline.index import index_counts, is_remote, remote_refusal
+
+    found = index_counts(urls)
+    if found is not None:
+        return sum(found[0])
+    remote = [u for u in urls if is_remote(u)]
+    if remote and not resampled:
+        raise ConfigError(f"{key}: {remote_refusal(len(remote))}")
+    return None
 
 
-def check_shards(key: str, spec: str, hint: str) -> Optional[int]:
-    """Refuse shards the loader could not open; return the samples of one epoch where a manifest (or
-    `builtin`) says it, None where only reading the tars would (remote, piped, unlisted tars)."""
+def check_sample_keys(image_key: str, label_key: str, section: str = "data") -> None:
+    """data.image_key / data.label_key as the loader parses them (data_pipeline.keys)."""
+    from data_pipeline.keys import parse_keys
+
+    try:
+        parse_keys(image_key, label_key)
+    except ValueError as exc:
+        raise ConfigError(f"{section}.{exc}") from None
+
+
+def check_mix(key: str, spec: Any, hint: str, resampled: bool = False) -> Optional[int]:
+    """`data.train_shards` as a string, or as a list of sources {shards, weight, name}: each source
+    must exist and carry a positive finite weight. Returns the samples of the sources together
+    (None when any is only known by reading it)."""
+    if isinstance(spec, str):
+        return check_shards(key, spec, hint, resampled=resampled)
+    if resampled:
+        raise ConfigError(f"{key} is a mix of sources, which does not combine with data.resampled=true (a mix "
+                          "already draws each source by its weight); set data.resampled=false")
+    if not spec:
+        raise ConfigError(f"{key}=[] names no source; give a path, or a list of {{shards: PATH, weight: W}}")
+    total: Optional[int] = 0
+    names = set()
+    for i, src in enumerate(spec):
+        where = f"{key}[{i}]"
+        if set(src) - {"shards", "weight", "name"} or not isinstance(src.get("shards"), str):
+            raise ConfigError(f"{where}={src!r} must be {{shards: PATH, weight: W}} (name optional)")
+        w = src.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            raise ConfigError(f"{where}.weight={w!r} must be a positive finite number")
+        name = src.get("name")
+        if name is not None and (not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_]+", name) or name in names):
+            raise ConfigError(f"{where}.name={name!r} must be unique letters, digits or '_'")
+        names.add(name)
+        n = check_shards(f"{where}.shards", src["shards"], hint)
+        total = None if total is None or n is None else total + n
+    return total
+
+
+def check_shards(key: str, spec: str, hint: str, resampled: bool = False) -> Optional[int]:
+    """Refuse shards the loader could not open; return the samples of one epoch where a manifest, a
+    foreign index (or `builtin`) says it, None where only the tars' headers would (unlisted tars)."""
     from braceexpand import braceexpand
 
     if not spec:
@@ -183,7 +232,7 @@ def check_shards(key: str, spec: str, hint: str) -> Optional[int]:
     if spec == "builtin":
         return builtin_samples()
     if "://" in spec or spec.startswith("pipe:"):
-        return None
+        return _foreign_total(key, list(braceexpand(spec)), resampled)
     if "{" in spec:
         tars = [Path(u) for u in braceexpand(spec)]
         missing = [t for t in tars if not t.is_file()]
@@ -193,7 +242,8 @@ def check_shards(key: str, spec: str, hint: str) -> Optional[int]:
         if missing:
             raise ConfigError(f"{key}={spec!r}: {len(missing)} of its {len(tars)} files are missing, e.g. {missing[0]}")
         folders = {t.parent for t in tars}
-        return _listed_total(key, tars[0].parent, [t.name for t in tars]) if len(folders) == 1 else None
+        listed = _listed_total(key, tars[0].parent, [t.name for t in tars]) if len(folders) == 1 else None
+        return listed if listed is not None else _foreign_total(key, [str(t) for t in tars], resampled)
     p = Path(spec)
     if not p.exists():
         raise ConfigError(f"{key}={spec!r} does not exist; point it at {hint}")
@@ -201,20 +251,59 @@ def check_shards(key: str, spec: str, hint: str) -> Optional[int]:
         mpath = p / "manifest.json"
         if not mpath.is_file():
             tars = sorted(p.glob("*.tar"))
-            if tars:
-                raise ConfigError(f"{key}={spec!r} has {len(tars)} tars but no manifest.json; name them with a brace "
-                                  f"pattern such as {_pattern_hint(p, tars)}, or write them with `mae-scale make-shards`")
+            if tars:  # foreign shards: counted from an index beside them, else from their headers
+                total = _foreign_total(key, [str(t) for t in tars], resampled)
+                return total if total is not None else _header_total(key, spec, p, tars)
             raise ConfigError(f"{key}={spec!r} holds neither manifest.json nor .tar shards; point it at {hint}")
     elif p.suffix == ".json":
+        if Path(spec).name != "manifest.json" and not _looks_ours(p):  # a wids index or timm's _info.json
+            from data_pipeline import DataInputError
+            from data_pipeline.index import json_index
+
+            try:
+                return sum(json_index(spec)[1])
+            except DataInputError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
         mpath = p
     else:  # one tar: counted from its folder's manifest if that lists it
-        return _listed_total(key, p.parent, [p.name])
+        listed = _listed_total(key, p.parent, [p.name])
+        return listed if listed is not None else _foreign_total(key, [spec], resampled)
     m = _manifest(key, mpath)
-    absent = [s["name"] for s in m["shards"] if not (mpath.parent / s["name"]).is_file()]
+    # an entry with a url (written by `data index`) names a remote shard or one elsewhere
+    absent = [s.get("url") or s["name"] for s in m["shards"]
+              if not (s.get("url") and ("://" in s["url"] or s["url"].startswith("pipe:")))
+              and not (Path(s["url"]) if s.get("url") else mpath.parent / s["name"]).is_file()]
     if absent:
         raise ConfigError(f"{key}: {mpath} lists {len(absent)} shard(s) that are not there, e.g. {absent[0]}; "
                           "copy them or write the shards again")
     return m["total"]
+
+
+def _pattern_hint(folder: Path, tars: list[Path]) -> str:
+    first, last = (re.fullmatch(r"(.*?)(\d+)\.tar", t.name) for t in (tars[0], tars[-1]))
+    if first and last and first[1] == last[1] and len(first[2]) == len(last[2]):
+        return f"{folder}/{first[1]}{{{first[2]}..{last[2]}}}.tar"
+    return f"{folder}/NAME-{{000000..000009}}.tar"
+
+
+def _header_total(key: str, spec: str, folder: Path, tars: list[Path]) -> int:
+    """A folder of tars with no index: their samples from the tar headers (what the loader would do
+    first anyway; the count is cached for it). A folder whose tars hold no sample is refused."""
+    from data_pipeline.index import count_and_cache
+
+    total = sum(c.samples for c in count_and_cache([str(t) for t in tars]))
+    if total == 0:
+        raise ConfigError(f"{key}={spec!r} has {len(tars)} tars but no manifest.json or index, and no sample in them; "
+                          f"point at shards, name the ones to use with a brace pattern such as "
+                          f"{_pattern_hint(folder, tars)}, or write them with `mae-scale make-shards`")
+    return total
+
+
+def _looks_ours(p: Path) -> bool:
+    try:
+        return '"mae-scale-shards/' in p.read_text(encoding="utf-8", errors="replace")[:4096]
+    except OSError:
+        return True
 
 
 def check_epoch_holds_a_batch(key: str, samples: Optional[int], global_batch: int) -> None:

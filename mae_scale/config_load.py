@@ -202,7 +202,8 @@ def type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is typing.Union:
-        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
+        args = typing.get_args(tp)
+        return " or ".join(type_name(a) for a in args if a is not type(None)) + (" or null" if type(None) in args else "")
     if origin is list:
         return f"list of {type_name(typing.get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))
@@ -221,7 +222,17 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return coerce(value, inner[0], key)
+        for alt in inner[:-1]:  # str or list: the first alternative the value fits
+            try:
+                return coerce(value, alt, key)
+            except ConfigError:
+                pass
+        try:
+            return coerce(value, inner[-1], key)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+            raise ConfigError(f"{key}={_short(value)} has the wrong type; expected {type_name(tp)}") from None
     if origin is Literal:
         if any(type(value) is type(a) and value == a for a in typing.get_args(tp)):
             return value

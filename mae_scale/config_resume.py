@@ -14,7 +14,8 @@ Every leaf key of both config trees is in exactly one of three classes (a test k
 - ACCEPT: changes the rest of the run, and the checkpoint can take it because the trainer applies
   the new value at every step (learning-rate schedule, clipping, masks, augmentation, data):
   refused in one line naming each key with old -> new unless the caller passes accept=True
-  (`--accept-config-change`). train.epochs is here, not in SAFE: the cosine spans train.epochs,
+  (`--accept-config-change`). data.image_key / data.label_key are here with data.train_shards: which
+  member is the image or the label changes the data, as new shards would. train.epochs is here, not in SAFE: the cosine spans train.epochs,
   so a longer schedule moves the learning rate of the step being resumed.
 - REFUSE: the checkpoint cannot take it, even with the switch: shapes of the weights (model.name /
   arch, data.input_size, num_classes, global_pool, layer_scale, tokenizer), what is trained
@@ -45,7 +46,7 @@ ACCEPT = {
     "model.mask_ratio", "model.norm_pix_loss", "model.mask_patch_size", "model.num_masking_patches",
     "model.min_block_patches", "model.drop_path",
     "data.train_shards", "data.val_shards", "data.crop_scale_min", "data.resampled", "data.epoch_samples",
-    "data.auto_augment", "data.reprob", "data.mixup", "data.cutmix", "data.smoothing", "data.eval_crop_pct",
+    "data.image_key", "data.label_key", "data.auto_augment", "data.reprob", "data.mixup", "data.cutmix", "data.smoothing", "data.eval_crop_pct",
     "deepspeed",
 }
 REFUSE = {

@@ -21,7 +21,8 @@ from mae_scale.visualize import normalize_on_device
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val_shards: str, env: DistEnv, *, input_size: int, crop_pct: float,
-             batch_size: int, num_workers: int, num_classes: int) -> dict:
+             batch_size: int, num_workers: int, num_classes: int, image_key: str | None = None,
+             label_key: str | None = None) -> dict:
     """Returns {acc1, acc5, loss, samples, bad_samples, seconds} (percentages; identical on every rank)."""
     from data_pipeline.eval_stream import make_eval_loader
     from data_pipeline.finetune_augment import EvalTransform
@@ -30,7 +31,8 @@ def evaluate(model: torch.nn.Module, val_shards: str, env: DistEnv, *, input_siz
     model.eval()
     dtype = next(model.parameters()).dtype
     loader = make_eval_loader(val_shards, batch_size, rank=env.rank, world_size=env.world_size,
-                              num_workers=num_workers, transform=EvalTransform(input_size, crop_pct=crop_pct))
+                              num_workers=num_workers, transform=EvalTransform(input_size, crop_pct=crop_pct),
+                              image_key=image_key, label_key=label_key)
     k5 = min(5, num_classes)
     sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, top-1 hits, top-5 hits, count
     started = time.perf_counter()

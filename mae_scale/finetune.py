@@ -110,7 +110,8 @@ class Finetuner(Pretrainer):
         return make_loader(self.shards, t.micro_batch_size, rank=self.env.rank, world_size=self.env.world_size,
                            num_workers=d.num_workers, epoch=epoch, seed=t.seed,
                            skip_samples=skip_batches * t.micro_batch_size, input_size=d.input_size,
-                           augment=augment, max_bad_fraction=d.max_bad_fraction, pin_memory=self.pin_memory)
+                           augment=augment, max_bad_fraction=d.max_bad_fraction, pin_memory=self.pin_memory,
+                           image_key=d.image_key, label_key=d.label_key)
 
     def _mixup_and_criterion(self):
         from timm.data import Mixup
@@ -152,7 +153,7 @@ class Finetuner(Pretrainer):
             sync_buffers(self.engine.module)
         result = evaluate(self.engine.module, d.val_shards, self.env, input_size=d.input_size,
                           crop_pct=d.eval_crop_pct, batch_size=d.eval_batch_size, num_workers=d.num_workers,
-                          num_classes=self.cfg.model.num_classes)
+                          num_classes=self.cfg.model.num_classes, image_key=d.image_key, label_key=d.label_key)
         self.last_eval_step = self.global_step
         if self.env.is_main:
             row = {"step": self.global_step, "epoch": round(self.global_step / self.steps_per_epoch, 3), **result}
@@ -230,7 +231,8 @@ def evaluate_only(cfg: FinetuneConfig, env: DistEnv) -> dict:
     model.to(env.device)
     d = cfg.data
     result = evaluate(model, d.val_shards, env, input_size=d.input_size, crop_pct=d.eval_crop_pct,
-                      batch_size=d.eval_batch_size, num_workers=d.num_workers, num_classes=cfg.model.num_classes)
+                      batch_size=d.eval_batch_size, num_workers=d.num_workers, num_classes=cfg.model.num_classes,
+                      image_key=d.image_key, label_key=d.label_key)
     result["init"] = cfg.model.init
     result["init_report"] = report
     if env.is_main:

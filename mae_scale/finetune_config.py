@@ -37,6 +37,11 @@ class ClassifierConfig:
 class FinetuneDataConfig:
     train_shards: str = doc("", "Labelled WebDataset shards (`.cls` labels) to train on.")
     val_shards: str = doc("", "Labelled shards to evaluate on (every sample counted once over all ranks).")
+    image_key: str = doc("jpg;jpeg;png;webp;bmp;tif;tiff;gif;ppm",
+                         "Tar member extensions that hold the image, ';'-separated, matched on the whole extension "
+                         "after the key (`input.jpg` takes KEY.input.jpg); the first present wins.")
+    label_key: str = doc("cls", "Member holding the label: an extension (`cls`: an ASCII integer) or EXT:FIELD for a "
+                         "field of a JSON member (`json:label`); missing or negative: unlabelled.")
     input_size: int = doc(224, "Side of the square crop fed to the model (a multiple of the patch size); position "
                           "embeddings of `model.init` are interpolated when it differs from the pretraining size.",
                           range="[1, inf)")
@@ -123,6 +128,8 @@ def _manifest_classes(spec: str) -> Optional[int]:
         m = read_manifest(p)
         if names is not None and not names <= {s["name"] for s in m["shards"]}:
             return None
+        if m.get("source") == "index":  # written by `data index` for foreign shards: classes unknown
+            return None
         return int(m["num_classes"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -151,6 +158,7 @@ def validate_finetune(cfg: FinetuneConfig, eval_only: bool = False, scope: Scope
     if scope == "plan":
         return
     checks.check_output_dir(cfg.output_dir)
+    checks.check_sample_keys(d.image_key, d.label_key)
     keys = ("val_shards",) if eval_only else ("train_shards", "val_shards")
     samples = {}
     for key in keys:  # both exist and read before any is sized: the first message names what is missing

@@ -249,7 +249,7 @@ class Pretrainer:
                            skip_samples=skip_batches * t.micro_batch_size, input_size=d.input_size,
                            augment=MAEAugment(d.input_size, scale=(d.crop_scale_min, 1.0)),
                            max_bad_fraction=d.max_bad_fraction, resampled=d.resampled, epoch_samples=d.epoch_samples,
-                           pin_memory=self.pin_memory,
+                           pin_memory=self.pin_memory, image_key=d.image_key, label_key=d.label_key,
                            decode_device=(f"cuda:{torch.cuda.current_device()}" if d.decode_device == "cuda"
                                           else d.decode_device))
 
@@ -471,10 +471,17 @@ class Pretrainer:
                "sync_wait_s": w["sync"] / w["steps"], "grad_norm": grad_norm,
                "mem_allocated_gib": memory.get("mem_allocated_gib"), "mem_reserved_gib": memory.get("mem_reserved_gib"),
                "bad_samples": sum(bad.values()), **{f"bad_samples_{kind}": n for kind, n in bad.items()},
+               **self._source_shares(),
                **{k: v for k, v in self.step_values.items() if k not in ("loss", "grad_norm", "stop")}}
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.tracker.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=self.global_step)
+
+    def _source_shares(self) -> dict:
+        """A mix of sources: each source's share of the samples rank 0 took this epoch (this process)."""
+        seen = getattr(self.data, "source_counts", None)
+        total = sum(seen.values()) if seen else 0
+        return {f"source_share_{name}": n / total for name, n in sorted(seen.items())} if total else {}
 
     def _picture(self, batch: dict) -> Optional[Path]:
         """Reconstructions of a few images of this step. Every rank runs the forward (ZeRO-3
