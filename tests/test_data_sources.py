@@ -72,3 +72,21 @@ def test_keys_pick_the_first_configured_image_and_read_labels():
     with pytest.raises(BadImage, match="not an integer"):
         keys.label({"json": b'{"meta": {"label": "cat"}}'})
     assert parse_keys().label({"cls": b"-3"}) == -1 and parse_keys().label({"cls": b" 7\n"}) == 7
+
+
+def test_pretraining_on_a_mix_logs_each_source_share(small_shards, tmp_path):
+    """A real run over two weighted sources: the epoch has data.epoch_samples samples, each source
+    exactly its weight's share of them, and the share is in metrics.jsonl."""
+    import json
+
+    from run_helpers import base_overrides, run_pretrain
+
+    a, b = f"'{small_shards}/train-{{000000..000001}}.tar'", f"'{small_shards}/train-{{000002..000003}}.tar'"
+    out = tmp_path / "run"
+    run_pretrain(base_overrides(small_shards, out, **{
+        "data.train_shards": f"[{{shards: {a}, weight: 1, name: few}}, {{shards: {b}, weight: 3, name: many}}]",
+        "data.epoch_samples": 64, "train.epochs": 1, "checkpoint.every_steps": 100}))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # 64 samples / 16 per step
+    assert rows[-1]["source_share_few"] == 0.25 and rows[-1]["source_share_many"] == 0.75
+    assert all(abs(r["source_share_few"] + r["source_share_many"] - 1) < 1e-9 for r in rows)

@@ -3,6 +3,7 @@ epoch, resumed exactly mid-epoch; and our shards read by webdataset and wids the
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -133,7 +134,7 @@ def test_img2dataset_with_gaps_and_stats(sample_dir, tmp_path, reads):
                                   ("json", json.dumps({"key": f"{k:09d}", "status": "success"}).encode())):
                     ti = tarfile.TarInfo(f"{k:09d}.{ext}")
                     ti.size = len(data)
-                    tf.addfile(ti, __import__("io").BytesIO(data))
+                    tf.addfile(ti, io.BytesIO(data))
                 keys.append(f"{k:09d}")
         (d / f"{shard:05d}_stats.json").write_text(json.dumps(
             {"count": 30, "successes": len(ok), "failed_to_download": 30 - len(ok)}))
@@ -208,7 +209,6 @@ def test_header_count_agrees_with_the_stream_reader_on_every_tar_flavour(tmp_pat
     """Long names (PAX and GNU), ustar prefixes, directories, links, a compressed tar: the header
     count groups members exactly as the streaming reader does (or falls back to it)."""
     import gzip
-    import io
 
     from data_pipeline.tario import count_tar_samples
     from data_pipeline.tarscan import count_local_tar
