@@ -169,13 +169,18 @@ class EvalLoader:
                 self.stream, batch_size=None, num_workers=self.num_workers,
                 pin_memory=self.pin_memory, persistent_workers=False, worker_init_fn=ignore_stop_signals),
                 self.num_workers)
-        for batch in batches:
-            for problem in batch.pop("shards", ()):
-                self.bad_shards[problem.url] = problem.kind
-                warn_shard_once(problem)
-            self.bad_counts.update(batch.pop("bad"))
-            if batch["key"]:
-                yield batch
+        try:
+            for batch in batches:
+                for problem in batch.pop("shards", ()):
+                    self.bad_shards[problem.url] = problem.kind
+                    warn_shard_once(problem)
+                self.bad_counts.update(batch.pop("bad"))
+                if batch["key"]:
+                    yield batch
+        finally:  # stop the workers now, not when a kept traceback lets go of this frame
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
 
 def make_eval_loader(

@@ -77,18 +77,25 @@ class ShardLoader:
                 persistent_workers=False, worker_init_fn=ignore_stop_signals,
             ), self.num_workers)
         self._seen = self._failed = 0
-        for batch in batches:
-            for problem in batch.pop("shards", ()):
-                self.bad_shards[problem.url] = problem.kind
-                warn_shard_once(problem)
-            if "error" in batch:
-                raise TooManyBadSamples(batch["error"])
-            self.bad_counts.update(batch.pop("bad"))
-            self.source_counts.update(batch.pop("sources", {}))
-            self.unlabelled += batch.pop("unlabelled", 0)
-            if self.decode_device is not None:
-                self._decode(batch)
-            yield batch
+        try:
+            for batch in batches:
+                for problem in batch.pop("shards", ()):
+                    self.bad_shards[problem.url] = problem.kind
+                    warn_shard_once(problem)
+                if "error" in batch:
+                    raise TooManyBadSamples(batch["error"])
+                self.bad_counts.update(batch.pop("bad"))
+                self.source_counts.update(batch.pop("sources", {}))
+                self.unlabelled += batch.pop("unlabelled", 0)
+                if self.decode_device is not None:
+                    self._decode(batch)
+                yield batch
+        finally:
+            # stop the workers now (guard_workers' finally): a traceback the caller keeps holds
+            # this frame, and workers that ignore SIGTERM would then hang the process's exit
+            close = getattr(batches, "close", None)
+            if close is not None:
+                close()
 
     def _decode(self, batch: dict) -> None:
         """Batched decode in this process (see ``make_loader(decode_device=...)``). A JPEG that
