@@ -19,6 +19,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_index_cache(tmp_path_factory):
+    """Header counts of foreign shards (data_pipeline.index) go to a cache of this session, not
+    ~/.cache (subprocess runs inherit it)."""
+    import os
+
+    before = os.environ.get("MAE_SCALE_INDEX_CACHE")
+    os.environ["MAE_SCALE_INDEX_CACHE"] = str(tmp_path_factory.mktemp("index-cache"))
+    yield
+    if before is None:
+        os.environ.pop("MAE_SCALE_INDEX_CACHE", None)
+    else:
+        os.environ["MAE_SCALE_INDEX_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> Path:
     """128 real photos (crops of skimage / sklearn images) in 4 labelled shards."""
