@@ -9,6 +9,9 @@ import json
 import os
 from pathlib import Path
 
+from webdataset import gopen
+
+from .index import is_remote
 from .shards import MANIFEST_NAME, read_manifest
 from .tario import UnsafeSample, iter_tar_samples
 
@@ -56,17 +59,18 @@ def verify_shards(out_dir: str | os.PathLike, image_key: str | None = None,
     labelled = m["num_classes"] > 0
     keys: set[str] = set()
     for entry in m["shards"]:
-        name, path = entry["name"], out / entry["name"]
-        if not path.exists():
+        url = entry.get("url")  # `data index`: a remote shard, or a local one elsewhere
+        name, path = (url, None) if url and is_remote(url) else (entry["name"], Path(url) if url else out / entry["name"])
+        if path is not None and not path.exists():
             problems.append(f"{name}: missing")
             continue
-        if "bytes" in entry and path.stat().st_size != entry["bytes"]:
+        if path is not None and "bytes" in entry and path.stat().st_size != entry["bytes"]:
             problems.append(f"{name}: {path.stat().st_size} bytes, manifest says {entry['bytes']}")
         n = 0
         try:
-            f = open(path, "rb")
-        except OSError as e:  # a directory in its place, permissions
-            problems.append(f"{name}: cannot be opened ({e.strerror or e})")
+            f = open(path, "rb") if path is not None else gopen(url, "rb")
+        except Exception as e:  # a directory in its place, permissions, a failing command
+            problems.append(f"{name}: cannot be opened ({getattr(e, 'strerror', None) or e})")
             continue
         with f:
             r = _HashingReader(f)

@@ -14,7 +14,8 @@ from batch_asserts import assert_same_batches, keys_of
 
 import data_pipeline.shard_read as shard_read
 import data_pipeline.tarscan as tarscan
-from data_pipeline import DataInputError, MAEAugment, TooManyBadSamples, make_loader, resolve_shards, write_shards
+from data_pipeline import (DataInputError, MAEAugment, TooManyBadSamples, make_loader, resolve_shards,
+                           verify_shards, write_shards)
 from data_pipeline.index import index_shards
 from data_pipeline.shard_read import read_shard
 
@@ -175,6 +176,9 @@ def test_pipe_shards_need_an_index(shard_dir, tmp_path, capsys):
     m = index_shards(urls, tmp_path / "remote.json", progress=False)
     assert m["read"]["streamed"] == len(urls)  # a pipe cannot seek: read once, and it says so
     assert resolve_shards(str(tmp_path / "remote.json")).urls == tuple(urls)
+    (tmp_path / "idx").mkdir()
+    index_shards(urls, tmp_path / "idx" / "manifest.json", progress=False)
+    assert verify_shards(tmp_path / "idx") == []  # data verify streams the pipe: entries
     keys = [k for u in urls for _, k, _ in read_shard(u, want=lambda i: False)]
     _check_stream(str(tmp_path / "remote.json"), keys)
     # resampled mode needs no counts at all
