@@ -147,6 +147,38 @@ def _verify_shards(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _data_index(args: argparse.Namespace) -> int:
+    from data_pipeline import DataInputError
+    from data_pipeline.index import expand_spec, index_shards, is_remote
+
+    try:
+        urls = expand_spec(args.shards)
+    except DataInputError as exc:
+        raise UserError(str(exc)) from None
+    local = [Path(u) for u in urls if not is_remote(u)]
+    if args.out is None and (len(local) != len(urls) or len({p.parent for p in local}) != 1):
+        raise UserError(f"{args.shards}: remote shards or tars in several folders; say where the manifest goes with --out")
+    out = Path(args.out) if args.out else local[0].parent / "manifest.json"
+    if out.is_dir() or not out.parent.is_dir():
+        raise UserError(f"--out {out}: give a file path in an existing folder")
+    if out.exists() and '"source": "index"' not in out.read_text(errors="replace"):
+        raise UserError(f"{out} exists and was not written by `data index`; pass another --out")
+    missing = [p for p in local if not p.is_file()]
+    if missing:
+        raise UserError(f"{missing[0]} is not a file ({len(missing)} of {len(urls)} shards missing)")
+    remote = len(urls) - len(local)
+    if remote:  # a pipe cannot seek: say so before the long read
+        print(f"{remote} remote shard(s): a pipe cannot seek, so each is read once in full", file=sys.stderr)
+    m = index_shards(urls, out, workers=args.workers, checksums=args.checksums)
+    read = m["read"]
+    streamed = f"; {read['streamed']} read in full (remote, compressed or damaged)" if read["streamed"] else ""
+    print(f"indexed {len(urls)} shards, {m['total']} samples -> {out} ({read['bytes'] / 2**20:.1f} MiB of headers read"
+          f"{streamed})")
+    for url, problem in read["problems"].items():
+        print(f"warning: {url}: {problem}", file=sys.stderr)
+    return 0
+
+
 def _bench_data(args: argparse.Namespace) -> int:
     import torch
 
@@ -157,7 +189,7 @@ def _bench_data(args: argparse.Namespace) -> int:
         raise UserError("--decode-device cuda needs a CUDA GPU and torch sees none; use cpu or cpu-batched")
     try:
         result = bench_data(args.shards, workers=args.workers, batch_size=args.batch, input_size=args.img_size,
-                            repeats=args.repeats, decode_device=args.decode_device)
+                            repeats=args.repeats, decode_device=args.decode_device, mix=args.as_mix)
     except (DataInputError, FileNotFoundError, TooManyBadSamples, LoaderWorkerDied) as exc:
         raise UserError(str(exc).splitlines()[0]) from None  # the data or its path: one line
     print(json.dumps({k: v for k, v in result.items() if k != "table"}) if args.json else result["table"])
@@ -182,7 +214,9 @@ class UserError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mae-scale", description="MAE pretraining at scale on DeepSpeed ZeRO.")
+    from mae_scale.cli_args import OneLineParser  # every verb's argparse errors: one line, status 2
+
+    parser = OneLineParser(prog="mae-scale", description="MAE pretraining at scale on DeepSpeed ZeRO.")
     # The `deepspeed` launcher puts --local_rank before the verb; LOCAL_RANK in the env is what counts.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -230,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--decode-device", choices=["cpu", "cuda", "cpu-batched"], default="cpu",
                    help="where the project's loader decodes: workers (cpu), batched nvJPEG (cuda), batched on the CPU")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--as-mix", action="store_true",
+                   help="also time the project's loader over the same shards as a two-source mix (data.train_shards list)")
     s.set_defaults(run=_bench_data)
 
     p = verbs.add_parser("data", help="data utilities")
@@ -237,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("verify", help="re-read shards against their manifest (counts, checksums)")
     s.add_argument("shards")
     s.set_defaults(run=_verify_shards)
+    s = sub.add_parser("index", help="count foreign shards (tar headers only where the storage can seek) into our manifest")
+    s.add_argument("shards", help="a folder of tars, a brace pattern, or pipe:/URL shards")
+    s.add_argument("--out", default=None, help="manifest path (default: manifest.json beside local tars)")
+    from mae_scale.cli_args import positive_int
+
+    s.add_argument("--workers", type=positive_int, default=None, help="tars counted at once (default: 2 x cores, at most 16)")
+    s.add_argument("--checksums", action="store_true", help="also record each local tar's sha256 (reads it all)")
+    s.set_defaults(run=_data_index)
     from data_pipeline.fashion_mnist import add_fashion_mnist_parser
 
     add_fashion_mnist_parser(sub)
