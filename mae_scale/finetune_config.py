@@ -142,6 +142,8 @@ def validate_finetune(cfg: FinetuneConfig, eval_only: bool = False, scope: Scope
     from mae_scale.models import VIT_ARCHS
 
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    if eval_only and not m.init:  # here, before any process group starts
+        raise ConfigError("--eval-only needs model.init=... (a fine-tuned run directory or weights file)")
     if m.arch not in VIT_ARCHS:
         raise ConfigError(f"model.arch={m.arch!r} is unknown; use one of {', '.join(VIT_ARCHS)}")
     checks.check_input_size(d.input_size, VIT_ARCHS[m.arch].patch_size, f"model.arch={m.arch}")

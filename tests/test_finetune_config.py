@@ -107,3 +107,10 @@ def test_unlabelled_shards_are_refused_for_finetuning(tmp_path, digits_shards):
         load_finetune_config(ROOT / "configs/finetune/fashion_mnist_tiny.yaml",
                              [f"data.train_shards={tmp_path / 'shards'}", f"data.val_shards={digits_shards / 'val'}",
                               "model.init="], mode="finetune")
+
+
+def test_eval_only_without_weights_is_refused_when_the_config_loads(digits_shards):
+    """Before any process group or DeepSpeed engine starts (it used to be refused after both)."""
+    with pytest.raises(ConfigError, match="--eval-only needs model.init"):
+        load_finetune_config(None, [f"data.val_shards={digits_shards / 'val/manifest.json'}", "model.init=",
+                                    "model.num_classes=10"], mode="finetune", eval_only=True)
