@@ -276,7 +276,8 @@ def test_eval_only_refuses_a_pretraining_encoder(tmp_path):
     shards = tmp_path / "shards"
     write_shards(tmp_path / "images", shards, samples_per_shard=4, progress=False)
     data = [f"data.train_shards={shards}", f"data.val_shards={shards}", f"output_dir={tmp_path / 'ft'}"]
-    cfg = load_finetune_config(FINETUNE, ["model.init=", *data], mode="finetune")  # only to build the model
+    cfg = load_finetune_config(FINETUNE, ["model.init=", *data, "train.global_batch_size=4", "train.micro_batch_size=2"],
+                               mode="finetune")  # a training config, only to build the model
     encoder = {k: v for k, v in build_classifier(cfg).state_dict().items() if not k.startswith(("head", "fc_norm"))}
     save_file(encoder, str(tmp_path / "encoder.safetensors"))
     cfg = load_finetune_config(FINETUNE, [f"model.init={tmp_path / 'encoder.safetensors'}", *data],
