@@ -29,13 +29,15 @@ def cli(*args: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedP
     return proc
 
 
-def digits_mim(shards, out, **extra) -> list[str]:
-    """The 4-px-patch encoder on 16 px digits (a 4x4 token grid), global batch 32, ZeRO-2, bf16."""
+def digits_mim(shards, out, objective: str = "beit", **extra) -> list[str]:
+    """The 4-px-patch encoder on 16 px digits (a 4x4 token grid), global batch 32, ZeRO-2, bf16; the
+    objective's own mask settings (a setting the objective ignores is refused)."""
     values = {"output_dir": out, "model.name": "vit_tiny_patch4", "data.train_shards": shards / "train/manifest.json",
               "data.input_size": 16, "data.num_workers": 0, "train.global_batch_size": 32,
               "train.micro_batch_size": 8, "train.zero_stage": 2, "train.precision": "bf16",
-              "train.log_every_steps": 1, "checkpoint.every_steps": 2, "tracking.enabled": "false",
-              "model.mask_patch_size": 8, "model.num_masking_patches": 6, "model.min_block_patches": 2}
+              "train.log_every_steps": 1, "checkpoint.every_steps": 2, "tracking.enabled": "false"}
+    values.update({"model.mask_patch_size": 8} if objective == "simmim" else
+                  {"model.num_masking_patches": 6, "model.min_block_patches": 2})
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
 
@@ -54,13 +56,13 @@ def test_objective_trains_under_zero_at_world2_and_resumes_exactly(objective, di
     preset = SIMMIM if objective == "simmim" else BEIT
     extra = {"model.tokenizer": tokenizer} if objective == "beit" else {}
     straight = tmp_path / "straight"
-    proc = cli("pretrain", "--config", str(preset), *digits_mim(digits_shards, straight, **extra, **{"train.max_steps": 4}),
+    proc = cli("pretrain", "--config", str(preset), *digits_mim(digits_shards, straight, objective, **extra, **{"train.max_steps": 4}),
                nproc=2)
     losses = [float(line.split("loss ")[1].split()[0]) for line in proc.stdout.splitlines() if line.startswith("step ")]
     assert len(losses) == 4 and all(l > 0 for l in losses)
     out = tmp_path / "resumed"
-    cli("pretrain", "--config", str(preset), *digits_mim(digits_shards, out, **extra, **{"train.max_steps": 2}), nproc=2)
-    proc = cli("pretrain", "--config", str(preset), *digits_mim(digits_shards, out, **extra, **{"train.max_steps": 4}),
+    cli("pretrain", "--config", str(preset), *digits_mim(digits_shards, out, objective, **extra, **{"train.max_steps": 2}), nproc=2)
+    proc = cli("pretrain", "--config", str(preset), *digits_mim(digits_shards, out, objective, **extra, **{"train.max_steps": 4}),
                nproc=2)
     assert "resumed from" in proc.stdout
     assert_same_checkpoint(latest_checkpoint(out), latest_checkpoint(straight))
@@ -73,7 +75,7 @@ def mim_run(request, digits_shards, tokenizer, tmp_path_factory):
     out = tmp_path_factory.mktemp(objective) / "run"
     extra = {"model.tokenizer": tokenizer} if objective == "beit" else {}
     cli("pretrain", "--config", str(SIMMIM if objective == "simmim" else BEIT),
-        *digits_mim(digits_shards, out, **extra, **{"train.max_steps": 2, "train.zero_stage": 1}))
+        *digits_mim(digits_shards, out, objective, **extra, **{"train.max_steps": 2, "train.zero_stage": 1}))
     return objective, out
 
 
