@@ -160,7 +160,9 @@ def test_without_file_locks_the_record_decides(tmp_path, monkeypatch, capsys):
 
 def test_a_second_pretrain_on_a_live_run_dir_is_refused(small_shards, tmp_path):
     out = tmp_path / "run"
-    args = base_overrides(small_shards, out, **{"train.max_steps": 400, "checkpoint.every_steps": 1000})
+    # long enough to outlive the second start on a loaded machine (the test kills it at the end)
+    args = base_overrides(small_shards, out, **{"train.epochs": 1000, "train.max_steps": 8000,
+                                                "checkpoint.every_steps": 100000})
     first = subprocess.Popen(pretrain_cmd(args), env=run_env(), cwd=ROOT, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
