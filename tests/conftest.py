@@ -35,6 +35,29 @@ def private_index_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def world_of_one():
+    """A gloo group of one in this test process, started once for the whole session: DeepSpeed keeps
+    its groups across a destroy_process_group, so a second group in one process breaks the next
+    `deepspeed.initialize`. The variables the group was started from are taken back at once, LOCAL_RANK
+    aside (DeepSpeed asks for it): a RANK or MASTER_PORT left in os.environ would be inherited by the
+    subprocesses of later tests, whose rendezvous then finds the port taken."""
+    import os
+
+    from mae_scale.distributed import init_distributed, prepare_env
+
+    saved = dict(os.environ)
+    prepare_env()
+    init_distributed()
+    os.environ.clear()
+    os.environ.update(saved)
+    os.environ.setdefault("LOCAL_RANK", "0")
+    yield
+    torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> Path:
     """128 real photos (crops of skimage / sklearn images) in 4 labelled shards."""
     from data_pipeline import make_sample_folder, write_shards

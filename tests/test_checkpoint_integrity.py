@@ -26,26 +26,6 @@ MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A gloo group of one in this process, for the whole module (DeepSpeed keeps its groups across
-    a destroy_process_group, so a second group in one process breaks it). The variables the group
-    was started from are taken back at once, LOCAL_RANK aside (DeepSpeed asks for it): a RANK or
-    MASTER_PORT left in os.environ would be inherited by the subprocesses of later tests."""
-    from mae_scale.distributed import init_distributed, prepare_env
-
-    saved = dict(os.environ)
-    prepare_env()
-    init_distributed()
-    os.environ.clear()
-    os.environ.update(saved)
-    os.environ.setdefault("LOCAL_RANK", "0")
-    yield
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def make_engine():
     import deepspeed
 

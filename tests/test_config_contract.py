@@ -228,8 +228,11 @@ def test_finetune_rules(ft_shards, tmp_path, capsys):
     _refused(["data.input_size=100"], "patch size 16 of model.arch=vit_base_patch16", "finetune", ft_shards)
     small = sized_manifest(tmp_path / "small", total=500)
     _refused([f"data.train_shards={small}"], "larger than one epoch of data.train_shards (500", "finetune", ft_shards)
-    # evaluation alone needs no train shards and no epoch of them
-    load_finetune_config(FT, [ft_shards[1], "data.train_shards=/nope"], eval_only=True)
+    # evaluation alone needs no train shards and no epoch of them, but the weights it evaluates
+    weights = tmp_path / "weights.safetensors"
+    weights.write_bytes(b"")
+    load_finetune_config(FT, [ft_shards[1], "data.train_shards=/nope", f"model.init={weights}"], eval_only=True)
+    _refused(["data.train_shards=/nope"], "--eval-only needs model.init=", "finetune", ft_shards[1:], eval_only=True)
     load_finetune_config(FT, [*ft_shards, "optim.momentum=0.5"])
     assert "optim.momentum=0.5 is read only with optim.name=lars / sgd" in capsys.readouterr().err
     _refused(["deepspeed={optimizer: {type: Adam}}"], "deepspeed.optimizer", "finetune", ft_shards)

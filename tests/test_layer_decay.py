@@ -48,25 +48,7 @@ def test_vit_b_groups_follow_the_beit_mae_rule(vit_b):
     assert seen["blocks.5.norm1.bias"][1] == 0.0 and seen["pos_embed"][1] == 0.0
 
 
-@pytest.fixture()
-def world_of_one_in_process():
-    """A gloo group of one inside the test process, torn down afterwards with the environment it
-    needed: a MASTER_PORT left behind would be inherited by every later run's subprocess, whose
-    rendezvous then finds the port taken."""
-    import os
-
-    from mae_scale.distributed import init_distributed, prepare_env
-
-    saved = dict(os.environ)
-    prepare_env()
-    init_distributed()
-    yield
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def test_set_lr_applies_the_scale_per_group_inside_deepspeed(world_of_one_in_process):
+def test_set_lr_applies_the_scale_per_group_inside_deepspeed(world_of_one):
     import deepspeed
 
     model = build_vit_classifier("vit_tiny_patch16", num_classes=3, img_size=32)
