@@ -27,7 +27,8 @@ from .augment import (
 )
 from .errors import DataInputError, LoaderWorkerDied, TooManyBadSamples
 from .samples import builtin_shards, make_sample_folder
-from .shards import MANIFEST_FORMAT, read_manifest, verify_shards, write_shards
+from .shards import MANIFEST_FORMAT, read_manifest, write_shards
+from .verify import verify_shards
 from .stream import ShardLoader, ShardSet, make_loader, resolve_shards
 
 __all__ = [

@@ -2,7 +2,8 @@
 
 This is the per-image CPU work of MAE pretraining (He et al., "Masked Autoencoders Are Scalable
 Vision Learners", https://arxiv.org/abs/2111.06377, Sec. A.1: RandomResizedCrop scale 0.2-1 and
-flip only). It is written for speed, see /work/shared/notes/data-pipeline-speed.md:
+flip only). It is written for speed (measured side by side with the official pipeline by
+`mae-scale bench data`; figures in docs/BENCHMARKS.md):
 
 - JPEGs are decoded with libjpeg-turbo via ``torchvision.io.decode_jpeg`` (~1.3x-2x PIL); other
   formats and anything decode_jpeg rejects go through PIL.

@@ -20,7 +20,6 @@ interrupted one only writes the missing shards.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import io
@@ -42,7 +41,7 @@ from .shards import (
     _tarinfo,
 )
 
-__all__ = ["read_idx", "write_fashion_mnist_shards", "add_fashion_mnist_parser", "CLASSES",
+__all__ = ["read_idx", "write_fashion_mnist_shards", "CLASSES",
            "DEFAULT_SRC"]
 
 DEFAULT_SRC = "/usr/share/datasets/fashion-mnist"
@@ -224,47 +223,3 @@ def write_fashion_mnist_shards(
     if not classes.exists() or json.loads(classes.read_text()) != list(CLASSES):
         _atomic_write_json(classes, list(CLASSES))
     return result
-
-
-def _run(args: argparse.Namespace) -> int:
-    """Bad input (no IDX files, files that are not IDX, OUT a file) is one line and status 2, as
-    for every verb; the disk failing while writing is one line and status 1."""
-    from mae_scale.cli import UserError  # here: the CLI imports this module to build its parser
-
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; OUT must be a directory (it gets train/, val/, classes.json)")
-    try:
-        paths = write_fashion_mnist_shards(
-            args.out, args.src, samples_per_shard=args.samples_per_shard,
-            train_limit=args.train_limit, val_limit=args.val_limit, progress=not args.quiet)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(str(e).splitlines()[0]) from None
-    except OSError as e:
-        print(f"error: writing Fashion-MNIST shards to {out} failed: {e}", file=sys.stderr, flush=True)
-        return 1
-    for split, p in paths.items():
-        print(f"{split}: {p}")
-    return 0
-
-
-def add_fashion_mnist_parser(
-    data_subparsers: argparse._SubParsersAction,
-) -> argparse.ArgumentParser:
-    """Add ``fashion-mnist OUT [--src DIR] [--train-limit N] [--val-limit N]
-    [--samples-per-shard N]`` to the ``data`` verb's subparsers (``mae-scale data
-    fashion-mnist OUT``); ``args.run(args)`` returns the exit code."""
-    from mae_scale.cli_args import positive_int  # the CLI's shared checks: one line, status 2
-
-    p = data_subparsers.add_parser(
-        "fashion-mnist", help="convert Fashion-MNIST (IDX files) to train/val WebDataset shards")
-    p.add_argument("out", metavar="OUT", help="output directory (gets train/, val/, classes.json)")
-    p.add_argument("--src", default=DEFAULT_SRC,
-                   help=f"directory with the IDX files (default: {DEFAULT_SRC}, from the Debian "
-                        "package dataset-fashion-mnist)")
-    p.add_argument("--train-limit", type=positive_int, default=None, help="keep the first N train images")
-    p.add_argument("--val-limit", type=positive_int, default=None, help="keep the first N val images")
-    p.add_argument("--samples-per-shard", type=positive_int, default=10000)
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    p.set_defaults(run=_run)
-    return p

@@ -1,6 +1,19 @@
 """The main-process side of the training stream (``stream.py``): :class:`ShardLoader` runs the
 workers (or none), logs each damaged shard once, sums bad samples, source shares and unlabelled
-samples per iteration, and decodes batches on the device when asked (``decode_device``)."""
+samples per iteration, and decodes batches on the device when asked (``decode_device``).
+
+Batched decode (``decode_device`` other than ``"cpu"``): workers draw each JPEG's crop/flip
+from its header size with the very generator and draws of the CPU path (so the same crops) but
+do not decode; they pass ``RawJPEG`` (bytes + parameters) on, and this process decodes the
+batch with ``torchvision.io.decode_jpeg(list, device=decode_device)`` (batched nvJPEG on CUDA),
+crops, resizes (bicubic, antialias) and flips there (``augment.decode_batch``); the batch's
+``image`` is on ``decode_device``. Non-JPEG, CMYK/YCCK and header-less JPEGs are decoded by the
+workers as usual; a JPEG the device decoder rejects is decoded on the CPU with the same
+parameters. One that no decoder reads is only found in this process: it counts as
+``undecodable`` and its slot gets a flipped copy of another image of the batch (key and label
+too) instead of a fresh crop. ``decode_device="cpu-batched"`` runs this path on the CPU; it
+matches the CPU path's output up to resize rounding (the CI check of the CUDA path's logic).
+"""
 
 from __future__ import annotations
 

@@ -496,5 +496,3 @@ def read_manifest(path_or_dir: str | os.PathLike) -> dict:
                              f"do not add up to total={m['total']}")
     return m
 
-
-from .verify import verify_shards  # noqa: E402  (re-exported: the writer's counterpart)

@@ -30,14 +30,14 @@ iteration will yield.
 Bad samples (zero-byte, undecodable, too many pixels, no image member, non-integer ``.cls``, an
 unsafe tar member, a shard shorter than its manifest says, and every sample a missing, unreadable
 or truncated shard should have given: ``shard_read.py``) are counted by kind in
-``loader.bad_counts``; the first few are logged, a damaged shard once, with its path. Their slots are refilled *inside the same batch* by another augmentation (fresh
-crop) of a good sample from that batch (or, if the whole batch is bad, of the next good sample
-later in the worker's order). Refilling within the batch rather than pulling the next sample
-keeps every batch a function of its own positions only, so resume stays exact without decoding
-the skipped part, and every rank keeps the same length. A worker whose bad share exceeds
+``loader.bad_counts``; the first few are logged, a damaged shard once, with its path. Their
+slots are refilled *inside the same batch* by another augmentation (fresh crop) of a good sample
+from that batch (or, if the whole batch is bad, of the next good sample later in the worker's
+order). Refilling within the batch rather than pulling the next sample keeps every batch a
+function of its own positions only, so resume stays exact without decoding the skipped part, and
+every rank keeps the same length. A worker whose bad share exceeds
 ``max_bad_fraction`` raises :class:`TooManyBadSamples` (with its counts by kind, in this process
-also when raised in a worker). A worker process killed from outside raises
-:class:`LoaderWorkerDied` (``loader_guard.py``).
+also when raised in a worker). A worker killed from outside: :class:`LoaderWorkerDied` (``loader_guard.py``).
 
 A weighted mix of sources (``shards`` as a list of ``{shards, weight}``) is one such epoch over
 positions drawn from the sources (``mix.py``); everything below holds for it unchanged.
@@ -61,17 +61,8 @@ arguments:
   rank sees depends on it).
 - Batches, round robin, ``skip_samples`` and bad-sample refill work exactly as above.
 
-Batched decode (``decode_device`` other than ``"cpu"``): workers draw each JPEG's crop/flip
-from its header size with the very generator and draws of the CPU path (so the same crops) but
-do not decode; they pass ``RawJPEG`` (bytes + parameters) on, and this process decodes the
-batch with ``torchvision.io.decode_jpeg(list, device=decode_device)`` (batched nvJPEG on CUDA),
-crops, resizes (bicubic, antialias) and flips there (``augment.decode_batch``); the batch's
-``image`` is on ``decode_device``. Non-JPEG, CMYK/YCCK and header-less JPEGs are decoded by the
-workers as usual; a JPEG the device decoder rejects is decoded on the CPU with the same
-parameters. One that no decoder reads is only found in this process: it counts as
-``undecodable`` and its slot gets a flipped copy of another image of the batch (key and label
-too) instead of a fresh crop. ``decode_device="cpu-batched"`` runs this path on the CPU; it
-matches the CPU path's output up to resize rounding (the CI check of the CUDA path's logic).
+Batched decode (``decode_device`` other than ``"cpu"``): workers draw the crops but leave the
+decoding to this process, a batch at once (``loader.py`` says how).
 """
 
 from __future__ import annotations
@@ -85,8 +76,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .augment import BadImage, MAEAugment
-from .augment import raw_jpeg as _raw_jpeg
+from .augment import BadImage, MAEAugment, raw_jpeg as _raw_jpeg
 from .errors import TooManyBadSamples
 from .keys import DEFAULT_KEYS, SampleKeys, parse_keys
 from .loader import ShardLoader, _decode_device  # the main-process side of the stream
@@ -94,8 +84,7 @@ from .mix import Mix, MixedEpoch, MixFetcher, is_mix_spec, resolve_mix
 from .shard_read import SHARD_KINDS, ShardProblem, image_and_label, read_shard
 from .shardset import ShardSet, resolve_shards
 
-__all__ = ["make_loader", "ShardLoader", "ShardSet", "resolve_shards", "TooManyBadSamples",
-           "image_and_label"]
+__all__ = ["make_loader", "ShardLoader", "ShardSet", "resolve_shards", "TooManyBadSamples", "image_and_label"]
 
 log = logging.getLogger(__name__)
 

@@ -28,14 +28,14 @@ from typing import Any, Optional
 import submitit
 
 from mae_scale.config import ConfigError
+from mae_scale.train.rundir import ATTEMPTS, CONFIG, METRICS, RESULT
 
 SUBMITIT_DIR = "submitit"
 # Generous: in short jobs submitit counts every USR2 as a time-out, and each preemption is one too.
 MAX_NUM_TIMEOUT = 1000
 # What a run leaves in its directory (the trainer, `submit`); `status` on a folder with none of them
 # is a wrong path, not a run that has not started.
-RUN_FILES = ("config.yaml", "attempts.jsonl", "checkpoints", "slurm_jobs.jsonl", "result.json", ".lock",
-             "metrics.jsonl", SUBMITIT_DIR)
+RUN_FILES = (CONFIG, ATTEMPTS, "checkpoints", "slurm_jobs.jsonl", RESULT, ".lock", METRICS, SUBMITIT_DIR)
 CLUSTER_KEYS = {"partition", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "account", "qos",
                 "constraint", "exclusive", "time", "setup", "signal_delay_s", "additional_parameters"}
 
@@ -77,9 +77,9 @@ class PretrainJob(submitit.helpers.Checkpointable):
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus:
             os.environ.setdefault("OMP_NUM_THREADS", cpus)
-        from mae_scale.cli import main
+        from mae_scale.train import run
 
-        code = main(self.command())
+        code = run(getattr(self, "verb", "pretrain"), self.config, self.overrides)
         if code != 0:
             raise RuntimeError(f"mae-scale {self.command()[0]} exited with status {code} (see the task logs in "
                                f"{Path(self.run_dir) / SUBMITIT_DIR})")
@@ -310,7 +310,7 @@ def _checkpoint_lines(run_dir: Path, verify: bool) -> tuple[list[str], bool]:
     whether any is damaged. Sizes are always checked; checksums only with `verify` (they re-read
     every file: seconds per GB)."""
     from mae_scale.checkpoint import DAMAGED_PREFIX, complete_checkpoints, read_marker
-    from mae_scale.checkpoint_integrity import check_files, describe_error
+    from mae_scale.checkpoint.integrity import check_files, describe_error
 
     root = run_dir / "checkpoints"
     lines, damaged, newest_ok = [], False, None
@@ -359,7 +359,7 @@ def status_report(run_dir: Path, verify: bool = False) -> tuple[str, bool]:
         raise ConfigError(f"{run_dir} is not a run directory (none of {', '.join(RUN_FILES)}); pass a run's "
                           "output_dir, as written by pretrain, finetune, linprobe or submit")
     lines = [f"run {run_dir.resolve()}"]
-    attempts_file = run_dir / "attempts.jsonl"
+    attempts_file = run_dir / ATTEMPTS
     attempts, skipped = [], 0
     if attempts_file.is_file():
         # A report reads what it can: a torn or foreign line is counted and skipped, not a crash.
@@ -389,7 +389,7 @@ def status_report(run_dir: Path, verify: bool = False) -> tuple[str, bool]:
         lines.append(f"run directory last taken by {describe_holder(holder if isinstance(holder, dict) else None)}")
     ckpt_lines, damaged = _checkpoint_lines(run_dir, verify)
     lines += ckpt_lines
-    result = run_dir / "result.json"
+    result = run_dir / RESULT
     if result.is_file():
         try:
             finished = json.loads(result.read_text())

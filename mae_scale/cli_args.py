@@ -63,7 +63,7 @@ def check_output_file(path: str | os.PathLike, suffix: str, flag: str = "--out")
     suffix, a directory, a folder under a file, a folder that cannot be written. Missing folders
     are fine (the verb creates them when it writes), but only where they could be created.
     Nothing is created here: writability is tried with a temporary file that is removed at once."""
-    from mae_scale.cli import UserError  # here: cli imports the verbs, which import this module
+    from mae_scale.errors import UserError
 
     out = Path(path)
     if out.suffix != suffix:

@@ -6,7 +6,7 @@ types, non-finite floats and values out of a field's declared range (`mae_scale.
 rules between fields (here), what the machine and the data must offer (`mae_scale.config_checks`).
 A bad config raises `ConfigError` whose message is one line naming the field and what is allowed;
 the CLI prints it and exits with status 2. What a resume may change: `mae_scale.config_resume`
-(`check_resume`, re-exported here).
+(`check_resume`).
 """
 
 from __future__ import annotations
@@ -188,15 +188,12 @@ def validate(cfg: PretrainConfig, scope: Scope = "run") -> None:
     `check_batch_layout` runs once the world size is known."""
     from mae_scale import config_checks as checks
 
+    from mae_scale.objectives import OBJECTIVES
+
     m, d = cfg.model, cfg.data
-    patch = checks.model_patch_size(cfg)
-    if m.objective != "mae":
-        _validate_mim(cfg, patch)
-    else:
-        patches = (d.input_size // patch) ** 2
-        if int(patches * (1 - m.mask_ratio)) < 1:
-            raise ConfigError(f"model.mask_ratio={m.mask_ratio} leaves no visible patch of the {patches} at "
-                              f"data.input_size={d.input_size}; lower it or use a larger input")
+    objective = OBJECTIVES[m.objective]
+    patch = checks.check_input_size(d.input_size, objective.encoder_arch(m.name).patch_size, f"model.name={m.name}")
+    objective.check(cfg, patch)
     checks.check_objective_fields(cfg)
     if m.init and not Path(m.init).exists():
         raise ConfigError(f"model.init={m.init!r} does not exist; point it at a .pth/.safetensors file or a run directory")
@@ -241,25 +238,6 @@ def validate_training(cfg: Any) -> None:
         raise ConfigError(f"optim.min_lr={o.min_lr} is above the peak learning rate {peak_lr(cfg):g} (optim.lr, or "
                           "optim.blr x global batch / 256): the cosine would rise; lower optim.min_lr")
     checks.check_deepspeed(cfg)
-
-
-def _validate_mim(cfg: PretrainConfig, patch: int) -> None:
-    m, d = cfg.model, cfg.data
-    if m.objective == "simmim" and (m.mask_patch_size % patch or d.input_size % m.mask_patch_size):
-        raise ConfigError(f"model.mask_patch_size={m.mask_patch_size} must be a multiple of the patch size {patch} "
-                          f"and divide data.input_size={d.input_size}")
-    if m.objective == "beit":
-        tokens = (d.input_size // patch) ** 2
-        if not m.num_masking_patches < tokens or not m.min_block_patches <= m.num_masking_patches:
-            raise ConfigError(f"model.num_masking_patches={m.num_masking_patches} must be in [1, {tokens}) and "
-                              f"model.min_block_patches={m.min_block_patches} in [1, num_masking_patches]")
-        if not m.tokenizer or not Path(m.tokenizer).is_file():
-            raise ConfigError(f"model.tokenizer={m.tokenizer!r} is not a file; make one with `mae-scale tokenizer fit "
-                              "SHARDS --vocab 8192 --out tok.safetensors` (or use a BEiT v2 VQ-KD .pth or a DALL-E "
-                              "dVAE encoder state dict) and point model.tokenizer at it")
-    if m.init:
-        raise ConfigError(f"model.init is supported for objective mae only (continued MAE pretraining); "
-                          f"remove it for objective {m.objective}")
 
 
 def check_batch_layout(cfg: PretrainConfig, world_size: int) -> int:
@@ -308,5 +286,3 @@ def reference_markdown(cls: type = PretrainConfig) -> list[str]:
     reference is generated from this."""
     return _reference_rows(cls)
 
-
-from mae_scale.config_resume import ResumeChanges, check_resume, resume_changes  # noqa: E402,F401

@@ -29,45 +29,27 @@ def check_input_size(size: int, patch: int, what: str) -> int:
     return patch
 
 
-def model_patch_size(cfg: Any) -> int:
-    """The pretraining model's patch size, after checking its name and that the input is whole patches."""
-    from mae_scale.models import MODEL_NAMES, VIT_ARCHS
-
-    m = cfg.model
-    if m.objective == "mae":
-        if m.name not in MODEL_NAMES:
-            raise ConfigError(f"model.name={m.name!r} is not an MAE model; use one of {', '.join(MODEL_NAMES)}")
-        arch = VIT_ARCHS[m.name.removeprefix("mae_")]  # every MAE preset is `mae_` + its encoder's name
-    else:
-        if m.name not in VIT_ARCHS:
-            raise ConfigError(f"model.name={m.name!r} is not an encoder for objective {m.objective}; use one of "
-                              f"{', '.join(VIT_ARCHS)}")
-        arch = VIT_ARCHS[m.name]
-    return check_input_size(cfg.data.input_size, arch.patch_size, f"model.name={m.name}")
-
-
-# Which objectives read which model.* field (name, objective, grad_checkpointing: all of them;
-# init: mae, refused by name for the others). A field set away from its default under an objective
-# that ignores it is refused where it shapes the masks or the targets: the user believes the run
+# A model.* field set away from its default under an objective that does not read it (`reads` of
+# each objective) is refused where it shapes the masks or the targets: the user believes the run
 # masks or predicts something it does not, and most likely meant another objective. Where it is a
 # regularizer or a loss detail, the run is still what was asked for in substance: one warning line.
-OBJECTIVE_FIELDS = {
-    "mask_ratio": ("mae", "simmim"),
-    "mask_patch_size": ("simmim",),
-    "num_masking_patches": ("beit",),
-    "min_block_patches": ("beit",),
-    "tokenizer": ("beit",),
-    "norm_pix_loss": ("mae",),
-    "layer_scale": ("simmim", "beit"),
-    "drop_path": ("simmim", "beit"),
-}
-REFUSED_WHEN_IGNORED = {"mask_ratio", "mask_patch_size", "num_masking_patches", "min_block_patches", "tokenizer"}
+REFUSED_WHEN_IGNORED = ("mask_ratio", "mask_patch_size", "num_masking_patches", "min_block_patches", "tokenizer")
+
+
+def objective_fields() -> dict[str, tuple[str, ...]]:
+    """model.* field -> the objectives that read it; refused fields first, then the warned ones."""
+    from mae_scale.objectives import OBJECTIVES
+
+    fields = dict.fromkeys(f for objective in OBJECTIVES.values() for f in objective.reads)
+    ordered = sorted(fields, key=lambda f: (f not in REFUSED_WHEN_IGNORED, REFUSED_WHEN_IGNORED.index(f)
+                                             if f in REFUSED_WHEN_IGNORED else 0))
+    return {f: tuple(name for name, o in OBJECTIVES.items() if f in o.reads) for f in ordered}
 
 
 def check_objective_fields(cfg: Any) -> None:
     defaults = {key: default_of(f) for key, f, _ in leaf_fields(type(cfg.model))}
     objective = cfg.model.objective
-    for name, readers in OBJECTIVE_FIELDS.items():
+    for name, readers in objective_fields().items():
         value = getattr(cfg.model, name)
         if objective in readers or value == defaults[name]:
             continue

@@ -21,8 +21,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from mae_scale.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config that cannot run; the message is one line meant for the user."""
 
 

@@ -35,13 +35,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from mae_scale.errors import UserError
+
 LOCK_NAME = ".lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 180.0
 NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
-class RunDirBusy(Exception):
+class RunDirBusy(UserError):
     """Another live process holds the run directory (one line, naming it; exit status 2)."""
 
 

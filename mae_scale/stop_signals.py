@@ -5,7 +5,8 @@ seconds later, 30 by default), Ctrl-C (SIGINT to the whole process group), a tor
 itself stopped (it forwards the signal to its workers). The first signal only raises a flag: the
 step under way finishes, the ranks agree on stopping through the step's own all-reduce (so all of
 them stop after the same step), a checkpoint is saved if the last save took no longer than the
-grace period, and the run ends with one line and status 128 + the signal's number. A second
+grace period, and the run ends with one line and status 128 + the signal's number
+(`mae_scale.errors.RunInterrupted`, raised by the loop). A second
 signal ends the process at once: a save cut off there is an incomplete checkpoint, which the next
 start deletes, so nothing complete is ever damaged.
 
@@ -21,14 +22,6 @@ import sys
 from typing import Optional
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class RunInterrupted(Exception):
-    """The run stopped on a signal (one line); `exit_code` is 128 + the signal's number."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
 
 
 class StopSignals:

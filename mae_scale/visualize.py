@@ -71,46 +71,58 @@ def reconstruction_grid(model, imgs: torch.Tensor, mask_ratio: float, noise: tor
     return Image.fromarray(grid)
 
 
-@torch.no_grad()
-def mim_grid(model, imgs: torch.Tensor, mask: torch.Tensor, tokenizer=None) -> Image.Image:
-    """SimMIM / BEiT-style pictures, one row per image: original | masked input | prediction |
-    prediction pasted into the masked patches. SimMIM predicts pixels; a BEiT-style model predicts
-    token ids, shown as their codewords mapped back with each true patch's mean and std (the third
-    panel is then the tokenizer's own rendering of the target, the fourth the model's guesses). A
-    tokenizer without ``decode_patches`` (the DALL-E encoder: no decoder here) gets the true image as
-    third panel and, in the fourth, the masked patches whose id was guessed right (the rest black)."""
-    imgs = imgs.float()
-    p = model.patch_size
-    h, w = model.patch_embed.grid_size
-    pix_mask = token_mask_to_pixels(mask, p, (h, w))
-    was_training = model.training
-    model.eval()
-    try:
-        if model.objective == "simmim":
-            _, pred, _ = model(imgs, mask)
-            third = pred.float()
-        else:
-            target = tokenizer.encode(imgs)  # [B, h, w]
-            _, logits, _ = model(imgs, mask, target)  # logits on the masked positions only
-            guessed = target.reshape(target.shape[0], -1).clone()
-            guessed[mask] = logits.argmax(-1)
-            patches = patchify(imgs, p)
-            mean, std = patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
-
-            if hasattr(tokenizer, "decode_patches"):
-                def render(ids: torch.Tensor) -> torch.Tensor:
-                    return unpatchify(tokenizer.decode_patches(ids) * std + mean, p, (h, w))
-
-                third, pred = render(target.reshape(target.shape[0], -1)), render(guessed)
-            else:  # no decoder (DALL-E encoder): the true image, and masked patches shown only where guessed right
-                right = token_mask_to_pixels(guessed == target.reshape(target.shape[0], -1), p, (h, w))
-                third, pred = imgs, imgs * right - 10.0 * (1 - right)  # wrong guesses: black (clamped)
-    finally:
-        model.train(was_training)
+def _mim_grid(imgs: torch.Tensor, pix_mask: torch.Tensor, third: torch.Tensor, pred: torch.Tensor) -> Image.Image:
+    """original | masked input | `third` | `pred` pasted into the masked patches, one row per image."""
     panels = [imgs, imgs * (1 - pix_mask), third, imgs * (1 - pix_mask) + pred.float() * pix_mask]
     panels = [_to_uint8(x) for x in panels]
     rows = [np.concatenate([panel[i] for panel in panels], axis=1) for i in range(panels[0].shape[0])]
     return Image.fromarray(np.concatenate(rows, axis=0))
+
+
+@torch.no_grad()
+def _in_eval(model, run):
+    """`run()` with the model in eval mode (no drop path), its mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        return run()
+    finally:
+        model.train(was_training)
+
+
+def simmim_grid(model, imgs: torch.Tensor, mask: torch.Tensor) -> Image.Image:
+    """SimMIM pictures: original | masked input | predicted pixels | prediction pasted into the
+    masked patches."""
+    imgs = imgs.float()
+    pix_mask = token_mask_to_pixels(mask, model.patch_size, tuple(model.patch_embed.grid_size))
+    pred = _in_eval(model, lambda: model(imgs, mask)[1].float())
+    return _mim_grid(imgs, pix_mask, pred, pred)
+
+
+def beit_grid(model, imgs: torch.Tensor, mask: torch.Tensor, tokenizer) -> Image.Image:
+    """BEiT-style pictures: the model predicts token ids, shown as their codewords mapped back with
+    each true patch's mean and std (the third panel is then the tokenizer's own rendering of the
+    target, the fourth the model's guesses). A tokenizer without ``decode_patches`` (the DALL-E
+    encoder: no decoder here) gets the true image as third panel and, in the fourth, the masked
+    patches whose id was guessed right (the rest black)."""
+    imgs = imgs.float()
+    p = model.patch_size
+    h, w = model.patch_embed.grid_size
+    pix_mask = token_mask_to_pixels(mask, p, (h, w))
+    target = tokenizer.encode(imgs)  # [B, h, w]
+    logits = _in_eval(model, lambda: model(imgs, mask, target)[1])  # logits on the masked positions only
+    guessed = target.reshape(target.shape[0], -1).clone()
+    guessed[mask] = logits.argmax(-1)
+    if not hasattr(tokenizer, "decode_patches"):  # no decoder (DALL-E encoder): right guesses only
+        right = token_mask_to_pixels(guessed == target.reshape(target.shape[0], -1), p, (h, w))
+        return _mim_grid(imgs, pix_mask, imgs, imgs * right - 10.0 * (1 - right))  # wrong: black (clamped)
+    patches = patchify(imgs, p)
+    mean, std = patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + 1e-6) ** 0.5
+
+    def render(ids: torch.Tensor) -> torch.Tensor:
+        return unpatchify(tokenizer.decode_patches(ids) * std + mean, p, (h, w))
+
+    return _mim_grid(imgs, pix_mask, render(target.reshape(target.shape[0], -1)), render(guessed))
 
 
 def save_loss_curve(metrics_file: Path, out_png: Path) -> bool:

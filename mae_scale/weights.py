@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from mae_scale.errors import UserError
+
 KINDS = ("finetune", "linprobe", "pretrain")
 # Keys a model may keep from its own initialization, per kind.
 NEW_IN_CLASSIFIER = ("head.", "fc_norm.")
@@ -35,7 +37,7 @@ STATE_DICT_KEYS = ("model", "state_dict", "module")  # where checkpoints nest th
 ENCODER_PREFIXES = ("blocks.", "patch_embed.", "cls_token", "pos_embed")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file that cannot initialize the model; the message names the file or key and what fits."""
 
 
@@ -92,11 +94,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Weights by name from a .pth / .safetensors file or a mae-scale run or checkpoint directory."""
     path = Path(path)
     if path.is_dir():
-        from mae_scale.export import consolidate
+        from mae_scale.checkpoint import consolidation  # by module: tests count the calls
 
         try:
-            state, _ = consolidate(path)
-        except Exception as exc:  # UserError from export, or DeepSpeed's own complaints
+            state, _ = consolidation.consolidate(path)
+        except Exception as exc:  # a damaged or foreign checkpoint (UserError), or DeepSpeed's own complaints
             raise WeightsError(f"{path}: {exc}") from None
         return state
     if not path.is_file():

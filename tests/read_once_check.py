@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-import mae_scale.export
+import mae_scale.checkpoint.consolidation
 from mae_scale.distributed import exit_process, init_distributed, shutdown_distributed
 import mae_scale.weights
 from mae_scale.weights import SCRATCH_PREFIX, WeightsError, read_state_dict_once
 
 consolidations = []
-_real_consolidate = mae_scale.export.consolidate
+_real_consolidate = mae_scale.checkpoint.consolidation.consolidate
 
 
 def counting_consolidate(*args, **kwargs):  # the real merge, counted per rank
@@ -51,7 +51,7 @@ def digest(state: dict) -> str:
 
 def main(run_dir: str, empty_dir: str, scratch: str, out: str) -> None:
     env = init_distributed()
-    mae_scale.export.consolidate = counting_consolidate
+    mae_scale.checkpoint.consolidation.consolidate = counting_consolidate
     state = read_state_dict_once(run_dir, scratch)
     torch.distributed.barrier()  # rank 0 removes the file after everyone has read it
     scratch_left = [p.name for p in Path(scratch).iterdir() if p.name.startswith(SCRATCH_PREFIX)]

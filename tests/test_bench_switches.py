@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from mae_scale.bench import Variant, add_bench_step_arguments, build_train_step, variants_from_args
+from mae_scale.tools.bench import Variant, add_bench_step_arguments, build_train_step, variants_from_args
 
 MODEL = "mae_vit_tiny_patch16"
 

@@ -20,7 +20,7 @@ from ckpt_utils import _tensors, assert_same_checkpoint
 from run_helpers import ROOT, base_overrides, run_env, run_pretrain
 from mae_scale.checkpoint import (MARKER, CheckpointError, CheckpointManager, CheckpointSaveError,
                                   complete_checkpoints, install_safe_loader, latest_checkpoint, safe_torch_load)
-from mae_scale.checkpoint_integrity import file_checksum
+from mae_scale.checkpoint.integrity import file_checksum
 
 MODEL = "mp_rank_00_model_states.pt"
 OPTIM = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
@@ -336,7 +336,7 @@ def test_export_and_status_of_a_damaged_checkpoint_say_one_line(world_of_one, tm
     two_checkpoints(run)
     damage(run / "checkpoints/step_00000004", "flipped")
 
-    from mae_scale.cli import UserError
+    from mae_scale.errors import UserError
     from mae_scale.export import export_weights
 
     out = tmp_path / "x.safetensors"

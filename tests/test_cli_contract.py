@@ -268,7 +268,7 @@ def test_eval_only_refuses_a_pretraining_encoder(tmp_path):
     from safetensors.torch import save_file
 
     from data_pipeline import make_sample_folder, write_shards
-    from mae_scale.finetune import build_classifier, evaluate_only
+    from mae_scale.train.classify import build_classifier, evaluate_only
     from mae_scale.finetune_config import load_finetune_config
     from mae_scale.weights import WeightsError
 

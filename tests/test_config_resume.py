@@ -7,8 +7,8 @@ import pytest
 import yaml
 from test_config import sized_manifest
 
-from mae_scale.config import (ConfigError, PretrainConfig, check_resume, load_config, resume_changes, save_config,
-                              to_dict)
+from mae_scale.config import ConfigError, PretrainConfig, load_config, save_config, to_dict
+from mae_scale.config_resume import check_resume, resume_changes
 from mae_scale.config_load import leaf_fields
 from mae_scale.config_resume import ACCEPT, REFUSE, SAFE, resume_class
 from mae_scale.finetune_config import FinetuneConfig, load_finetune_config

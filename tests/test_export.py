@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from run_helpers import ROOT, base_overrides, run_env, run_pretrain
 from mae_scale.checkpoint import latest_checkpoint, safe_torch_load
-from mae_scale.export import add_export_parser, export_weights
+from mae_scale.cli.tools import add_export_parser
+from mae_scale.export import export_weights
 from mae_scale.models import VIT_ARCHS, build_mae, get_2d_sincos_pos_embed
 
 # (ZeRO stage, precision, world size): ZeRO-0 bf16 keeps unnamed fp32 masters in its model-states
@@ -172,7 +173,7 @@ def test_export_parser_shape():
 def test_a_checkpoint_missing_a_rank_file_is_refused(tmp_path, pretrained):
     import shutil
 
-    from mae_scale.cli import UserError
+    from mae_scale.errors import UserError
 
     ckpt = latest_checkpoint(pretrained(CASES[1]))  # ZeRO-2, world 2: one optimizer file per rank
     copy = tmp_path / "run/checkpoints" / ckpt.name

@@ -105,7 +105,7 @@ def test_finetune_from_mae_run_trains_evaluates_and_records(digits_shards, pretr
 
 
 def test_linprobe_keeps_the_encoder_frozen_and_learns_a_head(digits_shards, pretrained, tmp_path):
-    from mae_scale.export import consolidate
+    from mae_scale.checkpoint import consolidate
 
     out = tmp_path / "lp"
     mae_scale("linprobe", LP, tiny(digits_shards, out, **{"model.init": pretrained, "optim.blr": 0.1}))

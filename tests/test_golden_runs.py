@@ -111,7 +111,7 @@ def assert_matches_golden(name: str, run_dir: Path) -> None:
 
 def test_old_checkpoint_resumes_to_the_golden_end(golden_data, tmp_path):
     from mae_scale.checkpoint import read_marker
-    from mae_scale.checkpoint_integrity import check_files
+    from mae_scale.checkpoint.integrity import check_files
 
     resume = GOLDEN["mae_resume"]
     run = tmp_path / "mae"
@@ -148,7 +148,7 @@ def test_old_checkpoint_resumes_to_the_golden_end(golden_data, tmp_path):
 def test_checksums_of_the_copied_checkpoint_still_catch_a_changed_byte(tmp_path):
     """The check in (a) passes because the bytes are right, not because it checks nothing."""
     from mae_scale.checkpoint import read_marker
-    from mae_scale.checkpoint_integrity import check_files
+    from mae_scale.checkpoint.integrity import check_files
 
     run = tmp_path / "mae"
     shutil.copytree(GOLDEN_DIR / "mae_ckpt", run)

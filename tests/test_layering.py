@@ -179,11 +179,10 @@ def imported_modules(node: ast.Import | ast.ImportFrom, module: str, graph: Grap
     for alias in node.names:
         sub = f"{base}.{alias.name}"
         if alias.name != "*" and sub in graph.modules:
-            found.append(sub)  # `from pkg import sub`: the submodule itself ...
-            if base in graph.modules and base != module:
-                # ... and pkg, whose __init__ the statement reads `sub` from. Not when a package's
-                # own __init__ does `from . import sub`: a module does not import itself.
-                found.append(base)
+            # `from pkg import sub`: the submodule only. Python runs pkg/__init__ first, but the
+            # statement depends on `sub`, not on what the __init__ defines (and a package's
+            # submodules reading their siblings so is no cycle through the package).
+            found.append(sub)
         else:
             target = nearest_module(base, graph.modules)
             if target:
@@ -560,12 +559,12 @@ def synthetic(tmp_path: Path) -> Graph:
 def test_self_graph_edges(synthetic: Graph):
     e = {src: set(dsts) for src, dsts in synthetic.edges.items()}
     assert e["pkg.a"] == {"pkg.b"}  # function-level import counts
-    assert e["pkg.b"] == {"pkg.a", "pkg"}  # `from . import a`: the module a, and pkg it is read from
+    assert e["pkg.b"] == {"pkg.a"}  # `from . import a`: the module a (not the package it is read from)
     assert e["pkg.c"] == {"pkg.d"}  # TYPE_CHECKING body skipped, else branch kept
     assert e["pkg.d"] == {"pkg.sub"}  # stdlib ignored; missing module -> nearest existing parent
     assert e["pkg.sub"] == {"pkg.sub.e"}  # no self-edge from `from . import e` in the __init__
-    assert e["pkg.sub.e"] == {"pkg.d", "pkg", "pkg.cli_args"}  # `..d`, `from .. import d`, `..cli_args import *`
-    assert e["other"] == {"pkg.cli_args", "pkg.cli", "pkg"}
+    assert e["pkg.sub.e"] == {"pkg.d", "pkg.cli_args"}  # `..d`, `from .. import d`, `..cli_args import *`
+    assert e["other"] == {"pkg.cli_args", "pkg.cli"}
     assert synthetic.targets("pkg.sub.e")["pkg.d"] == [Site("pkg/sub/e.py", 1), Site("pkg/sub/e.py", 2)]
 
 

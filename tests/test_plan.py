@@ -8,7 +8,7 @@ import torch
 
 from mae_scale.config import ConfigError, load_config
 from mae_scale.models import build_mae
-from mae_scale.plan import (activation_bytes_estimate, add_plan_parser, mae_shapes, plan_memory,
+from mae_scale.tools.plan import (activation_bytes_estimate, add_plan_parser, mae_shapes, plan_memory,
                             saved_activation_bytes, shapes_for, zero_comm_bytes)
 
 HUGE = "configs/pretrain/mae_vit_huge_patch14_800ep.yaml"

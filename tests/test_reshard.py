@@ -10,7 +10,7 @@ import torch
 
 from run_helpers import ROOT, SMOKE, base_overrides, run_env, run_pretrain
 from mae_scale.checkpoint import latest_checkpoint
-from mae_scale.reshard import DONE, convert, universal_dir_for
+from mae_scale.checkpoint.reshard import DONE, convert, universal_dir_for
 
 # A world-1 resume through the real trainer that also saves the fp32 master weights right after
 # the load (the moment the test needs to compare), then trains on.
@@ -18,12 +18,12 @@ RESUME_AT_WORLD_1 = textwrap.dedent("""
     import sys, torch
     from mae_scale.config import load_config
     from mae_scale.distributed import init_distributed
-    from mae_scale.trainer import Pretrainer
+    from mae_scale.train import build_loop
     from deepspeed.utils import safe_get_full_fp32_param
 
     cfg = load_config(sys.argv[1], sys.argv[3:])
     env = init_distributed()
-    trainer = Pretrainer(cfg, env)
+    trainer = build_loop(cfg, env)
     weights = {n: safe_get_full_fp32_param(p).clone() for n, p in trainer.engine.module.named_parameters()
                if p.requires_grad}
     torch.save({"weights": weights, "step": trainer.global_step}, sys.argv[2])

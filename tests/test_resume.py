@@ -96,7 +96,7 @@ def test_checkpoint_that_would_run_code_is_refused(small_shards, tmp_path):
         pickle.dump({"module": WritesFileOnLoad(proof)}, fh)
     # the marker's checksum would refuse the new bytes first: record them, as a writer of the
     # malicious file could, so that the weights-only loader itself is what refuses it
-    from mae_scale.checkpoint_integrity import file_checksum
+    from mae_scale.checkpoint.integrity import file_checksum
 
     marker = read_marker(ckpt)
     marker["files"]["mp_rank_00_model_states.pt"] = list(file_checksum(ckpt / "mp_rank_00_model_states.pt"))

@@ -1,4 +1,4 @@
-"""Patch k-means tokenizer (mae_scale.tokenizer): fit on real photos, determinism, files, refusals."""
+"""Patch k-means tokenizer (mae_scale.tokenizers): fit on real photos, determinism, files, refusals."""
 
 import argparse
 import pickle
@@ -8,17 +8,11 @@ import torch
 from safetensors.torch import save_file
 
 from untrusted_files import WritesFileOnLoad, tokenizer_refusal
-import mae_scale.tokenizer as tokmod
+import mae_scale.tokenizers.kmeans as tokmod
 from data_pipeline import make_loader
-from mae_scale.tokenizer import (
-    PatchKMeansTokenizer,
-    add_tokenizer_parser,
-    codebook_stats,
-    fit_tokenizer,
-    load_tokenizer,
-    nearest_codeword,
-    normalized_patches,
-)
+from mae_scale.cli.tokenizer import add_tokenizer_parser
+from mae_scale.tokenizers import PatchKMeansTokenizer, codebook_stats, fit_tokenizer, load_tokenizer
+from mae_scale.tokenizers.kmeans import nearest_codeword, normalized_patches
 from mae_scale.visualize import normalize_on_device
 
 SIZE, VOCAB, BATCH = 64, 32, 32  # 4x4 patches per crop: a fit over 128 photos takes about a second

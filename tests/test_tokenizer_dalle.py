@@ -1,4 +1,4 @@
-"""DALL-E dVAE encoder tokenizer (mae_scale.tokenizer_dalle): official key layout, state-dict
+"""DALL-E dVAE encoder tokenizer (mae_scale.tokenizers.dalle): official key layout, state-dict
 files (safetensors and weights-only .pth), encode shape / range / determinism, refusals."""
 
 import pickle
@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import save_file
 
 from untrusted_files import WritesFileOnLoad, tokenizer_refusal
-from mae_scale.tokenizer import load_tokenizer
-from mae_scale.tokenizer_dalle import DallEEncoder, DallETokenizer, map_pixels
+from mae_scale.tokenizers import load_tokenizer
+from mae_scale.tokenizers.dalle import DallEEncoder, DallETokenizer, map_pixels
 
 # Every tensor of openai/DALL-E dall_e/encoder.py Encoder() (group_count 4, n_hid 256, n_blk_per_group
 # 2, input_channels 3, vocab_size 8192), derived by hand from that file and dall_e/utils.py Conv2d
@@ -186,11 +186,11 @@ def test_wrong_shape_missing_and_extra_keys_are_named(small_files, tmp_path):
 def test_mim_picture_without_decoder(small_files):
     """The trainer's BEiT picture works with a tokenizer that cannot decode (no dVAE decoder here)."""
     from mae_scale.models.mim import build_mim
-    from mae_scale.visualize import mim_grid
+    from mae_scale.visualize import beit_grid
 
     enc, _, _ = small_files
     model = build_mim("vit_tiny_patch16", "beit", img_size=64, vocab_size=enc.vocab_size)
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, :6] = True
-    grid = mim_grid(model, _images(size=64)[0], mask, DallETokenizer(enc))
+    grid = beit_grid(model, _images(size=64)[0], mask, DallETokenizer(enc))
     assert grid.size == (4 * 64, 2 * 64)

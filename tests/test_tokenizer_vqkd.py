@@ -1,4 +1,4 @@
-"""BEiT v2 VQ-KD tokenizer (mae_scale.tokenizer_vqkd): official encoder-side key layout, encode
+"""BEiT v2 VQ-KD tokenizer (mae_scale.tokenizers.vqkd): official encoder-side key layout, encode
 against an independent plain-tensor reference, state-dict files ({"model": ...} .pth, safetensors),
 refusals, and the BEiT objective taking its ids as targets."""
 
@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save_file
 
 from untrusted_files import WritesFileOnLoad, tokenizer_refusal
-from mae_scale.tokenizer import load_tokenizer
-from mae_scale.tokenizer_vqkd import VQKDEncoder, VQKDTokenizer
+from mae_scale.tokenizers import load_tokenizer
+from mae_scale.tokenizers.vqkd import VQKDEncoder, VQKDTokenizer
 
 
 def _official_layout():
@@ -294,7 +294,7 @@ def test_other_state_dicts_still_say_what_is_supported(tmp_path):
 def test_beit_objective_takes_vqkd_ids_as_targets(small):
     """What the trainer does for objective beit (load_tokenizer, patch-size check, encode, loss), on CPU."""
     from mae_scale.models.mim import build_mim
-    from mae_scale.visualize import mim_grid
+    from mae_scale.visualize import beit_grid
 
     _, files = small
     tok = load_tokenizer(files["pth"])
@@ -310,5 +310,5 @@ def test_beit_objective_takes_vqkd_ids_as_targets(small):
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, ids.reshape(2, -1)[mask]))
     loss.backward()
     assert model.beit_head.weight.grad is not None and model.beit_head.weight.grad.abs().sum() > 0
-    grid = mim_grid(model, images, mask, tok)  # no decode_patches: the picture falls back to the image
+    grid = beit_grid(model, images, mask, tok)  # no decode_patches: the picture falls back to the image
     assert grid.size == (4 * 64, 2 * 64)

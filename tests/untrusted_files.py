@@ -17,7 +17,7 @@ class WritesFileOnLoad:
 
 def tokenizer_refusal(path) -> str:
     """`load_tokenizer(path)`'s error, which must be one line."""
-    from mae_scale.tokenizer import load_tokenizer
+    from mae_scale.tokenizers import load_tokenizer
 
     with pytest.raises(ValueError) as info:
         load_tokenizer(path)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from cuda_support import ON_GPU, STEPS, needs_gpu_or_rehearsal, record
 from run_helpers import ROOT, run_env
 from mae_scale.checkpoint import latest_checkpoint
-from mae_scale.export import consolidate
+from mae_scale.checkpoint import consolidate
 from mae_scale.models import VIT_ARCHS
 
 pytestmark = [pytest.mark.cuda, needs_gpu_or_rehearsal]

@@ -26,7 +26,7 @@ import torch
 from ckpt_utils import checkpoint_tensors
 from cuda_support import FAULT, STAGES, STEPS, needs_gpu_or_rehearsal, record
 from mae_scale.checkpoint import latest_checkpoint
-from mae_scale.export import consolidate
+from mae_scale.checkpoint import consolidate
 
 pytestmark = [pytest.mark.cuda, needs_gpu_or_rehearsal]
 

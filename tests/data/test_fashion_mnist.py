@@ -17,9 +17,9 @@ from PIL import Image
 from digits_data import idx_bytes, write_digits_idx
 from data_pipeline import make_loader, read_manifest, verify_shards
 from data_pipeline.eval_stream import make_eval_loader
+from mae_scale.cli.data import add_fashion_mnist_parser
 from data_pipeline.fashion_mnist import (
     CLASSES,
-    add_fashion_mnist_parser,
     read_idx,
     write_fashion_mnist_shards,
 )

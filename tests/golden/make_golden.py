@@ -7,7 +7,7 @@ changing a number" is checked against (tests/test_golden_runs.py):
 * golden.json: per run (MAE, SimMIM, BEiT-style with a k-means tokenizer, fine-tune and linear
   probe from the MAE run) the CLI overrides, the loss of every step (metrics.jsonl), the final
   evaluation (fine-tune, probe), and the final weights: a sha256 over the consolidated fp32 state
-  dict (`mae_scale.export.consolidate`, keys sorted) for the bitwise check, and per-tensor sum /
+  dict (`mae_scale.checkpoint.consolidate`, keys sorted) for the bitwise check, and per-tensor sum /
   L1 / L2 for a tolerance check on another machine; plus the environment the numbers belong to.
 * mae_ckpt/: the MAE run made by today's code, stopped at step 7 of 14 (config.yaml,
   checkpoints/step_00000007/ with its COMPLETE marker, metrics.jsonl). A later version of the
@@ -199,7 +199,7 @@ def weights_record(run_or_ckpt: Path) -> dict:
     per tensor [sum, L1, L2] in float64 for a comparison with a tolerance."""
     import torch
 
-    from mae_scale.export import consolidate
+    from mae_scale.checkpoint import consolidate
 
     state, info = consolidate(run_or_ckpt)
     digest = hashlib.sha256()

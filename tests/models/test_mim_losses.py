@@ -127,12 +127,12 @@ def test_simmim_loss_ignores_unmasked_target_pixels():
     x = _imgs(5)
     with torch.no_grad():
         latent = model.forward_encoder(x, MASK)
-        loss, _ = model.forward_simmim(x, latent, MASK)
+        loss, _ = model.forward_loss(x, latent, MASK)
         pix = MASK.reshape(2, 1, GRID, GRID).repeat_interleave(16, 2).repeat_interleave(16, 3)
         visible_changed = torch.where(pix, x, x + 7.0)  # only the visible pixels of the target move
         masked_changed = torch.where(pix, x + 7.0, x)
-        assert_close(model.forward_simmim(visible_changed, latent, MASK)[0], loss)
-        assert model.forward_simmim(masked_changed, latent, MASK)[0] > loss + 1.0
+        assert_close(model.forward_loss(visible_changed, latent, MASK)[0], loss)
+        assert model.forward_loss(masked_changed, latent, MASK)[0] > loss + 1.0
 
 
 # ---------------------------------------------------------------- BEiT loss by hand

@@ -1,9 +1,9 @@
-"""SimMIM cell masks and BEiT blockwise masks (mae_scale.masking): counts, geometry, determinism."""
+"""SimMIM cell masks and BEiT blockwise masks (mae_scale.objectives.masking): counts, geometry, determinism."""
 
 import numpy as np
 import pytest
 
-from mae_scale.masking import beit_block_mask, beit_block_mask_with_blocks, mask_batch, simmim_mask
+from mae_scale.objectives.masking import beit_block_mask, beit_block_mask_with_blocks, mask_batch, simmim_mask
 
 
 # ---------------------------------------------------------------- SimMIM

@@ -1,66 +1,53 @@
-"""The MAE pretraining loop inside a DeepSpeed ZeRO engine.
+"""The training loop inside a DeepSpeed ZeRO engine; it knows no objective and no task.
 
-`Pretrainer.train_step` is one optimizer step (forward/backward over the micro-batches, the
-finite-loss guard, the DeepSpeed step); `Pretrainer.train` is the loop (schedule, logging,
-checkpoint cadence, pictures, resume). Everything random that a resumed run must reproduce is a
-pure function of saved counters: the data order and crops of (seed, epoch, sample position), the
-masks of (seed, step, rank, micro-batch). Nothing depends on RNG state only rank 0 would save.
+`Loop.train_step` is one optimizer step (forward/backward over the micro-batches, the finite-loss
+guard, the DeepSpeed step); `Loop.train` is the loop (schedule, logging, checkpoint cadence,
+resume, signals). What is trained and how (model, optimizer, data, the loss of a micro-batch,
+evaluation, pictures) is the task's: `mae_scale.train.task.Task`, composed in, not inherited.
+
+Everything random that a resumed run must reproduce is a pure function of saved counters: the data
+order and crops of (seed, epoch, sample position), the draws of a micro-batch of (seed, step, rank,
+micro-batch) (`mae_scale.seeding`). Nothing depends on RNG state only rank 0 would save.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections import Counter
 import os
 import signal
 import socket
-import sys
 import time
-from pathlib import Path
+from collections import Counter
 from typing import Optional
 
-import numpy as np
 import torch
 
 from mae_scale import faults
 from mae_scale.checkpoint import CheckpointManager, install_safe_loader
-from mae_scale.config import PretrainConfig, check_batch_layout, check_resume, flatten, peak_lr, save_config, to_dict
+from mae_scale.config import check_batch_layout, flatten, peak_lr, to_dict
+from mae_scale.config_resume import check_resume
 from mae_scale.device_feed import DevicePrefetcher
 from mae_scale.distributed import DistEnv, all_reduce_sum, any_rank, barrier
-from mae_scale.models import build_mae
+from mae_scale.errors import RunInterrupted, RunStopped
 from mae_scale.models.compile import compile_blocks
-from mae_scale.optim import build_optimizer, cosine_lr, deepspeed_config, schedule_summary, set_lr
+from mae_scale.optim import cosine_lr, deepspeed_config, schedule_summary, set_lr
 from mae_scale.runlock import hold_run_dir
-from mae_scale.speed import mae_train_flops, memory_peaks, mim_train_flops, peak_flops, step_speed
-from mae_scale.stop_signals import RunInterrupted, StopSignals
+from mae_scale.seeding import MicroKey
+from mae_scale.speed import memory_peaks, peak_flops, step_speed
+from mae_scale.stop_signals import StopSignals
 from mae_scale.tracking import Tracker, default_tracking_uri
-from mae_scale.visualize import mim_grid, normalize_on_device, reconstruction_grid, save_loss_curve
-
-PICTURE_IMAGES = 4
+from mae_scale.train.rundir import ATTEMPTS, CONFIG, LOSS_CURVE, METRICS, RESULT, RunDir
+from mae_scale.train.task import Task
+from mae_scale.visualize import save_loss_curve
 
 # A ViT's weights stay within about +-100 in every published run; past this the run has diverged
 # (a learning rate of 1e30 puts them near 1e28, still finite in bf16) and the next forward overflows.
 WEIGHT_LIMIT = 1e6
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunStopped):
     """The run diverged: a non-finite loss or gradient norm (the step was not applied), or weights
     past WEIGHT_LIMIT (not saved). The newest checkpoint is untouched."""
-
-
-def derived_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0] >> 1)
-
-
-def _json_or_none(line: str) -> Optional[dict]:
-    """A row of a JSON-lines log, or None for a blank or torn one (a kill in the middle of a write)."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
 
 
 def format_eta(seconds: float) -> str:
@@ -70,51 +57,37 @@ def format_eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def train_shards_spec(cfg: PretrainConfig, env: DistEnv) -> str:
-    """The shard spec to stream; `builtin` is made once (rank 0 first, then the others find it)."""
-    if cfg.data.train_shards != "builtin":
-        return cfg.data.train_shards
-    from data_pipeline import builtin_shards
+class Loop:
+    """Builds the engine, checkpointing and tracking around a task's model; owns the loop."""
 
-    cache = Path(cfg.data.cache_dir or Path.home() / ".cache" / "mae-scale")
-    if env.is_main:
-        builtin_shards(cache)
-    barrier()
-    return str(builtin_shards(cache))
-
-
-class Pretrainer:
-    """Builds model, engine, data, checkpointing and tracking from a config; owns the loop."""
-
-    STEP_LOGS = ("metrics.jsonl",)  # JSON lines keyed by "step", cut back to the checkpoint on resume
-
-    def __init__(self, cfg: PretrainConfig, env: DistEnv, accept_config_change: bool = False):
+    def __init__(self, cfg, env: DistEnv, task: Task, accept_config_change: bool = False):
         import deepspeed
 
-        self.cfg, self.env = cfg, env
-        self.run_dir = Path(cfg.output_dir)
+        self.cfg, self.env, self.task = cfg, env, task
+        self.run_dir = RunDir(cfg.output_dir)
         self.accum = check_batch_layout(cfg, env.world_size)
-        self.lock = hold_run_dir(self.run_dir, env.is_main)  # one writer per run directory, before any write
-        self.ckpt = CheckpointManager(self.run_dir, cfg.checkpoint.keep_last, env.is_main)
+        self.lock = hold_run_dir(self.run_dir.path, env.is_main)  # one writer per run directory, before any write
+        self.ckpt = CheckpointManager(self.run_dir.path, cfg.checkpoint.keep_last, env.is_main)
         self._check_config_change(accept_config_change)
         if env.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+            self.run_dir.save_config(cfg)
         barrier()
-        self.shards = train_shards_spec(cfg, env)
+        task.bind(self)
+        task.prepare_data()
 
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        model = self.build_model()
+        model = task.build_model(fresh=self.ckpt.latest() is None)  # a resume ignores model.init
         model.to(env.device)
-        self.flops_per_image = self.train_flops_per_image(model)
+        self.flops_per_image = task.flops_per_image(model)
         self.peak_flops = peak_flops(env.device, cfg.train.peak_tflops)
         if self.compile_enabled():
             compile_blocks(model)  # in place: names, registration order and checkpoints unchanged
-        optimizer = self.build_optimizer(model)
+        optimizer = task.build_optimizer(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, self.accum), dist_init_required=False)
         install_safe_loader(self.engine)
 
-        self.steps_per_epoch = len(self._loader(epoch=0, skip_batches=0)) // self.accum
+        self.steps_per_epoch = len(task.loader(epoch=0, skip_batches=0)) // self.accum
         if self.steps_per_epoch == 0:
             raise ValueError(f"the data gives less than one global batch of {cfg.train.global_batch_size} per epoch "
                              f"at world size {env.world_size}; use more data or a smaller train.global_batch_size")
@@ -125,86 +98,22 @@ class Pretrainer:
         self.resumed_from: Optional[int] = None
         self.last_save_s = 0.0  # how long the last save took (a signal's save must fit its grace period)
         self.stop_signals = StopSignals()
-        self.picture_step: Optional[int] = None
         self.bad_before_epoch: Counter = Counter()  # bad samples skipped in earlier epochs of this process
         run_id = self._resume()
         self.tracker = Tracker(env.is_main and cfg.tracking.enabled,
-                               default_tracking_uri(self.run_dir, cfg.tracking.tracking_uri),
-                               cfg.tracking.experiment, self.run_dir)
-        self.tracker.start(cfg.tracking.run_name or self.run_dir.resolve().name,
+                               default_tracking_uri(self.run_dir.path, cfg.tracking.tracking_uri),
+                               cfg.tracking.experiment, self.run_dir.path)
+        self.tracker.start(cfg.tracking.run_name or self.run_dir.path.resolve().name,
                            {**flatten(to_dict(cfg)), "world_size": env.world_size, "grad_accum_steps": self.accum,
                             **schedule_summary(cfg, self.steps_per_epoch)}, run_id=run_id)
         if self.resumed_from is None:
-            self.tracker.log_artifact(self.run_dir / "config.yaml")
+            self.tracker.log_artifact(self.run_dir.file(CONFIG))
         if cfg.tracking.system_metrics:
             self.tracker.start_system_metrics()
         self._record_attempt()
+        task.started()
 
-    # -- what a subclass (fine-tuning) replaces -----------------------------------------------
-
-    def build_model(self) -> torch.nn.Module:
-        cfg = self.cfg
-        if cfg.model.objective != "mae":
-            return self._build_mim()
-        model = build_mae(cfg.model.name, img_size=cfg.data.input_size, norm_pix_loss=cfg.model.norm_pix_loss,
-                          grad_checkpointing=cfg.model.grad_checkpointing)
-        self.num_patches = model.patch_embed.num_patches
-        if cfg.model.init and self.ckpt.latest() is None:  # continued pretraining; a resume ignores it
-            from mae_scale.weights import load_init
-
-            report = load_init(model, cfg.model.init, kind="pretrain", scratch_dir=self.run_dir)
-            if self.env.is_main:
-                print(f"initialized from {cfg.model.init}: {report}", flush=True)
-        return model
-
-    def _build_mim(self) -> torch.nn.Module:
-        """SimMIM or BEiT-style model on the same encoder (and, for beit, its tokenizer)."""
-        from mae_scale.models.mim import build_mim
-
-        m, size = self.cfg.model, self.cfg.data.input_size
-        vocab = None
-        self.tokenizer = None
-        if m.objective == "beit":
-            from mae_scale.tokenizer import load_tokenizer
-            from mae_scale.weights import WeightsError
-
-            try:
-                self.tokenizer = load_tokenizer(m.tokenizer)
-            except ValueError as exc:  # a file that is not a tokenizer: one line, before any step
-                raise WeightsError(f"model.tokenizer: {exc}") from None
-            vocab = self.tokenizer.vocab_size
-        model = build_mim(m.name, m.objective, img_size=size, vocab_size=vocab, layer_scale=m.layer_scale,
-                          drop_path=m.drop_path, grad_checkpointing=m.grad_checkpointing)
-        if self.tokenizer is not None and self.tokenizer.patch_size != model.patch_size:
-            raise WeightsError(f"the tokenizer {m.tokenizer} works on {self.tokenizer.patch_size}-px patches but "
-                               f"{m.name} has {model.patch_size}-px patches; fit one with --patch-size {model.patch_size}")
-        self.num_patches = model.patch_embed.num_patches
-        self.token_grid = tuple(model.patch_embed.grid_size)
-        return model
-
-    def mim_mask(self, step: int, micro: int, batch: int) -> torch.Tensor:
-        """SimMIM cell mask or BEiT block mask per image [B, L] bool, from (seed, step, rank, micro)."""
-        from mae_scale.masking import beit_block_mask, mask_batch, simmim_mask
-
-        m = self.cfg.model
-        rng = np.random.default_rng(derived_seed(self.cfg.train.seed, step, self.env.rank, micro, 0x313))
-        if m.objective == "simmim":
-            masks = [simmim_mask(rng, self.cfg.data.input_size, m.mask_patch_size, self.engine.module.patch_size,
-                                 m.mask_ratio) for _ in range(batch)]
-        else:
-            masks = [beit_block_mask(rng, self.token_grid, m.num_masking_patches, m.min_block_patches)
-                     for _ in range(batch)]
-        return mask_batch(masks).to(self.env.device)
-
-    def build_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
-        return build_optimizer(model, self.cfg)
-
-    def train_flops_per_image(self, model: torch.nn.Module) -> float:
-        """Model FLOPs of one training image (forward + backward), for TFLOP/s and MFU."""
-        m = self.cfg.model
-        if m.objective == "mae":
-            return mae_train_flops(model, 1, m.mask_ratio)
-        return mim_train_flops(model, 1, masked_tokens=m.num_masking_patches if m.objective == "beit" else 0)
+    # -- what the task asks of the loop ----------------------------------------------------------
 
     def compile_enabled(self) -> bool:
         """train.compile, or by default: on a GPU at ZeRO 0-2 (ZeRO-3's parameter hooks and a
@@ -217,53 +126,20 @@ class Pretrainer:
         """Page-locked loader batches, so the prefetcher's copies to the GPU are truly asynchronous."""
         return self.cfg.train.prefetch and self.env.device.type == "cuda"
 
-    def before_train(self) -> None:
-        pass
+    def micro_key(self, micro: int, step: Optional[int] = None) -> MicroKey:
+        """The key every draw of a micro-batch derives from."""
+        return MicroKey(self.cfg.train.seed, self.global_step if step is None else step, self.env.rank, micro)
 
-    def after_step(self, micro_batches: list[dict]) -> None:
-        if self.cfg.tracking.image_every_steps and self.global_step % self.cfg.tracking.image_every_steps == 0:
-            self.picture = self._picture(micro_batches[0])
-
-    def after_epoch(self, micro_batches: list[dict]) -> None:
-        if not self.cfg.tracking.image_every_steps and micro_batches is not None:
-            self.picture = self._picture(micro_batches[0])
-
-    def after_train(self, micro_batches: Optional[list[dict]]) -> None:
-        if micro_batches is not None and self.picture_step != self.global_step:
-            self.picture = self._picture(micro_batches[0])  # the run always ends with a current picture
-
-    def result_extra(self) -> dict:
-        picture = self.picture
-        if picture is None and (self.run_dir / "reconstructions").is_dir():  # a rerun of a finished run
-            picture = max((self.run_dir / "reconstructions").glob("step_*.png"), default=None)
-        return {"picture": str(picture) if picture else None}
-
-    # -- setup helpers -----------------------------------------------------------------------
-
-    def _loader(self, epoch: int, skip_batches: int):
-        from data_pipeline import MAEAugment, make_loader
-
-        d, t = self.cfg.data, self.cfg.train
-        return make_loader(self.shards, t.micro_batch_size, rank=self.env.rank, world_size=self.env.world_size,
-                           num_workers=d.num_workers, epoch=epoch, seed=t.seed,
-                           skip_samples=skip_batches * t.micro_batch_size, input_size=d.input_size,
-                           augment=MAEAugment(d.input_size, scale=(d.crop_scale_min, 1.0)),
-                           max_bad_fraction=d.max_bad_fraction, resampled=d.resampled, epoch_samples=d.epoch_samples,
-                           pin_memory=self.pin_memory, image_key=d.image_key, label_key=d.label_key,
-                           decode_device=(f"cuda:{torch.cuda.current_device()}" if d.decode_device == "cuda"
-                                          else d.decode_device))
+    # -- setup -------------------------------------------------------------------------------------
 
     def _check_config_change(self, accept: bool) -> None:
         """A resume never silently changes the run: the saved config against this one (every rank
         reads the same file, so all refuse alike), before anything is overwritten."""
-        saved = self.run_dir / "config.yaml"
-        has_checkpoints = (self.ckpt.root.is_dir() and any(self.ckpt.root.iterdir()))
-        if not (saved.is_file() and has_checkpoints):
+        has_checkpoints = self.ckpt.root.is_dir() and any(self.ckpt.root.iterdir())
+        saved = self.run_dir.saved_config() if has_checkpoints else None
+        if saved is None:
             return
-        import yaml
-
-        changes = check_resume(yaml.safe_load(saved.read_text()) or {}, self.cfg,
-                               getattr(self.cfg, "mode", "pretrain"), accept=accept)
+        changes = check_resume(saved, self.cfg, getattr(self.cfg, "mode", "pretrain"), accept=accept)
         if changes and self.env.is_main:
             print(f"resuming with a changed config: {'; '.join(changes)}", flush=True)
 
@@ -280,61 +156,29 @@ class Pretrainer:
         if self.step_in_epoch >= self.steps_per_epoch:  # saved on an epoch's last step
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if self.env.is_main:
-            self._truncate_metrics(self.global_step)
+            self.run_dir.cut_back((METRICS, *self.task.step_logs), self.global_step)
             print(f"resumed from {latest} (step {self.global_step}, epoch {self.epoch})", flush=True)
         return state.get("mlflow_run_id")
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop rows after the checkpoint from the per-step logs: those steps are about to be run again."""
-        for name in self.STEP_LOGS:
-            path = self.run_dir / name
-            if path.is_file():
-                rows = [r for r in (_json_or_none(line) for line in path.read_text().splitlines())
-                        if r is not None and r.get("step", math.inf) <= step]
-                path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
     def _record_attempt(self) -> None:
         """One line per start of the run: when, where, at what world size, from which step."""
-        if not self.env.is_main:
-            return
-        row = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
-               "world_size": self.env.world_size, "resumed_from_step": self.resumed_from,
-               "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
-               "mlflow_run_id": self.tracker.run_id}
-        with open(self.run_dir / "attempts.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        if self.env.is_main:
+            self.run_dir.append(ATTEMPTS, {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": socket.gethostname(),
+                "world_size": self.env.world_size, "resumed_from_step": self.resumed_from,
+                "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_nodelist": os.environ.get("SLURM_JOB_NODELIST"),
+                "mlflow_run_id": self.tracker.run_id})
 
-    # -- the step ------------------------------------------------------------------------------
-
-    def mask_noise(self, step: int, micro: int, batch: int, generator_seed: Optional[int] = None) -> torch.Tensor:
-        """Masking noise [B, L] from (seed, step, rank, micro-batch): reproducible after a resume."""
-        seed = generator_seed if generator_seed is not None else derived_seed(
-            self.cfg.train.seed, step, self.env.rank, micro)
-        gen = torch.Generator(device=self.env.device).manual_seed(seed)
-        return torch.rand(batch, self.num_patches, generator=gen, device=self.env.device)
-
-    def micro_loss(self, micro: int, batch: dict) -> torch.Tensor:
-        """The objective's loss on one micro-batch (forward only)."""
-        imgs = normalize_on_device(batch["image"], self.env.device)
-        if self.cfg.model.objective == "mae":
-            noise = self.mask_noise(self.global_step, micro, imgs.shape[0])
-            loss, _, _ = self.engine(imgs, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
-            return loss
-        # drop path draws from torch's global generator: seeded per micro-batch for exact resume
-        torch.manual_seed(derived_seed(self.cfg.train.seed, self.global_step, self.env.rank, micro, 0xD5))
-        mask = self.mim_mask(self.global_step, micro, imgs.shape[0])
-        ids = self.tokenizer.encode(imgs) if self.tokenizer is not None else None
-        loss, _, extras = self.engine(imgs, mask, ids)
-        if "masked_acc" in extras:  # BEiT-style: share of masked tokens whose id is guessed
-            self.step_extras.setdefault("masked_acc", []).append(extras["masked_acc"])
-        return loss
+    # -- the step ----------------------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[dict]) -> float:
         """One optimizer step over `accum` micro-batches; returns the step's mean loss (all ranks)."""
         step_losses = []
         self.step_extras: dict[str, list[torch.Tensor]] = {}
         for i, batch in enumerate(micro_batches):
-            loss = self.micro_loss(i, batch)
+            loss, extras = self.task.micro_loss(i, batch)
+            for key, value in extras.items():
+                self.step_extras.setdefault(key, []).append(value)
             if faults.armed("nan_loss", self.global_step):
                 loss = loss * float("nan")
             if faults.armed("nan_grad", self.global_step):  # a finite loss whose gradients are not
@@ -352,7 +196,7 @@ class Pretrainer:
         return self.step_values["loss"]
 
     def _guard(self, step_losses: list[torch.Tensor]) -> dict[str, float]:
-        """The step's one host synchronization: the mean loss over the ranks (and the objective's
+        """The step's one host synchronization: the mean loss over the ranks (and the task's
         extras, and where DeepSpeed keeps no gradient norm, our own) read together, checked before
         the step is applied."""
         # one all-reduce carries the loss and whether any rank was asked to stop (SIGTERM / SIGINT)
@@ -361,11 +205,13 @@ class Pretrainer:
                                              torch.tensor(stop, device=step_losses[0].device)]))
         values = {"loss": summed[0] / self.env.world_size, "stop": summed[1]}
         values.update({k: torch.stack(v).float().mean() for k, v in self.step_extras.items()})
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled() and grads:
+        if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
             # plain ZeRO-0 fp32: DeepSpeed neither checks nor records the gradient norm; the
             # gradients are whole and already averaged over the ranks here
-            values["grad_norm"] = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            if grads:
+                values["grad_norm"] = torch.linalg.vector_norm(
+                    torch.stack([n.float() for n in torch._foreach_norm(grads)]))
         t0 = time.perf_counter()
         host = dict(zip(values, torch.stack([v.detach().float().reshape(()) for v in values.values()]).tolist()))
         self.sync_wait = time.perf_counter() - t0
@@ -391,7 +237,7 @@ class Pretrainer:
             raise NonFiniteLossError(f"the weights diverged at step {self.global_step} (largest |w| {largest:.3g} on "
                                      f"some rank, limit {WEIGHT_LIMIT:g}); this step was not saved")
 
-    # -- the loop --------------------------------------------------------------------------------
+    # -- the loop ----------------------------------------------------------------------------------
 
     def train(self) -> dict:
         """The loop, with SIGTERM / SIGINT turned into a stop at the next step boundary."""
@@ -405,17 +251,17 @@ class Pretrainer:
         cfg, t = self.cfg, self.cfg.train
         peak = peak_lr(cfg)
         if self.env.is_main:
-            print(f"run {self.run_dir}: {getattr(cfg.model, 'name', None) or cfg.model.arch}, world size {self.env.world_size}, "
-                  f"global batch {t.global_batch_size} = {self.env.world_size} x {t.micro_batch_size} x {self.accum}, "
-                  f"{self.steps_per_epoch} steps/epoch, steps {self.global_step}->{self.end_step}, peak lr {peak:.3g}",
-                  flush=True)
+            print(f"run {self.run_dir.path}: {getattr(cfg.model, 'name', None) or cfg.model.arch}, world size "
+                  f"{self.env.world_size}, global batch {t.global_batch_size} = {self.env.world_size} x "
+                  f"{t.micro_batch_size} x {self.accum}, {self.steps_per_epoch} steps/epoch, steps "
+                  f"{self.global_step}->{self.end_step}, peak lr {peak:.3g}", flush=True)
         started, steps_run = time.perf_counter(), 0
         last_saved = self.resumed_from
-        self.picture, micro_batches = None, None
+        micro_batches = None
         self.window = Counter()  # sums over the steps since the last logged one
-        self.before_train()
+        self.task.before_train()
         while self.global_step < self.end_step:
-            self.data = self._loader(self.epoch, self.step_in_epoch * self.accum)
+            self.data = self.task.loader(self.epoch, self.step_in_epoch * self.accum)
             steps_here = min(self.steps_per_epoch - self.step_in_epoch, self.end_step - self.global_step)
             batches = iter(DevicePrefetcher(self.data, self.env.device, t.prefetch, limit=steps_here * self.accum))
             while self.step_in_epoch < self.steps_per_epoch and self.global_step < self.end_step:
@@ -433,18 +279,18 @@ class Pretrainer:
                     self._log(loss, lr, started, steps_run)
                 if self.step_values["stop"]:  # every rank sees the same sum: all stop after this step
                     self._stop_on_signal(last_saved)
-                self.after_step(micro_batches)
+                self.task.after_step(micro_batches)
                 if self.global_step % cfg.checkpoint.every_steps == 0:
-                    self._save()
+                    self.save()
                     last_saved = self.global_step
             self.bad_before_epoch.update(self.data.bad_counts)
             if self.step_in_epoch == self.steps_per_epoch:  # epoch finished
-                self.after_epoch(micro_batches)
+                self.task.after_epoch(micro_batches)
                 self.epoch += 1
                 self.step_in_epoch = 0
         if last_saved != self.global_step:
-            self._save()
-        self.after_train(micro_batches)
+            self.save()
+        self.task.after_train(micro_batches)
         return self._finish()
 
     def _log(self, loss: float, lr: float, started: float, steps_run: int) -> None:
@@ -473,8 +319,7 @@ class Pretrainer:
                "bad_samples": sum(bad.values()), **{f"bad_samples_{kind}": n for kind, n in bad.items()},
                **self._source_shares(),
                **{k: v for k, v in self.step_values.items() if k not in ("loss", "grad_norm", "stop")}}
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        self.run_dir.append(METRICS, row)
         self.tracker.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, step=self.global_step)
 
     def _source_shares(self) -> dict:
@@ -483,38 +328,19 @@ class Pretrainer:
         total = sum(seen.values()) if seen else 0
         return {f"source_share_{name}": n / total for name, n in sorted(seen.items())} if total else {}
 
-    def _picture(self, batch: dict) -> Optional[Path]:
-        """Reconstructions of a few images of this step. Every rank runs the forward (ZeRO-3
-        gathers parameters collectively); rank 0 writes and logs the picture."""
-        self.picture_step = self.global_step  # the same on every rank: decides collective calls
-        imgs = normalize_on_device(batch["image"][:PICTURE_IMAGES], self.env.device)
-        if self.cfg.model.objective == "mae":
-            noise = self.mask_noise(0, 0, imgs.shape[0], generator_seed=self.cfg.train.seed)
-            grid = reconstruction_grid(self.engine.module, imgs, self.cfg.model.mask_ratio, noise)
-        else:
-            mask = self.mim_mask(0, 0, imgs.shape[0])
-            grid = mim_grid(self.engine.module, imgs, mask, self.tokenizer)
-        if not self.env.is_main:
-            return None
-        out = self.run_dir / "reconstructions" / f"step_{self.global_step:08d}.png"
-        out.parent.mkdir(exist_ok=True)
-        grid.save(out)
-        self.tracker.log_artifact(out, "reconstructions")
-        return out
-
     def _client_state(self) -> dict:
         return {"global_step": self.global_step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "mlflow_run_id": self.tracker.run_id, "world_size": self.env.world_size, "accum": self.accum}
 
     def _stop_on_signal(self, last_saved: Optional[int]) -> None:
         """After a SIGTERM / SIGINT: save if the last save took no longer than the grace period
-        (or none was timed yet), then stop with one line."""
+        (or none was timed yet), then stop with one line (printed by rank 0)."""
         signum = int(self.stop_signals.requested or signal.SIGTERM)
         grace = self.cfg.checkpoint.signal_grace_s
         if last_saved == self.global_step:
             saved = f"checkpoint step {self.global_step} was already saved"
         elif self.last_save_s <= grace:
-            self._save()
+            self.save()
             saved = f"saved checkpoint {self.ckpt.latest().name}"
         else:
             saved = (f"no checkpoint: the last save took {self.last_save_s:.1f} s, more than checkpoint.signal_grace_s="
@@ -523,9 +349,10 @@ class Pretrainer:
             self.tracker.set_tags({"stopped_by": signal.Signals(signum).name})
             self.tracker.finish("KILLED")
         raise RunInterrupted(f"stopped by {signal.Signals(signum).name} after step {self.global_step}: {saved}; "
-                             "run the same command to resume", signum)
+                             "run the same command to resume", signum, announce=self.env.is_main)
 
-    def _save(self) -> Path:
+    def save(self):
+        self.task.before_save()
         self._check_weights()
         t0 = time.perf_counter()
         path = self.ckpt.save(self.engine, self.global_step, self._client_state(), self.env.world_size)
@@ -535,21 +362,21 @@ class Pretrainer:
         return path
 
     def _finish(self) -> dict:
-        result = {"run_dir": str(self.run_dir.resolve()), "checkpoint": str(self.ckpt.latest()),
-                  **self.result_extra(), "steps": self.global_step,
+        result = {"run_dir": str(self.run_dir.path.resolve()), "checkpoint": str(self.ckpt.latest()),
+                  **self.task.result_extra(), "steps": self.global_step,
                   "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id}
         if self.env.is_main:
-            curve = self.run_dir / "loss_curve.png"
-            if save_loss_curve(self.run_dir / "metrics.jsonl", curve):
+            curve = self.run_dir.file(LOSS_CURVE)
+            if save_loss_curve(self.run_dir.file(METRICS), curve):
                 self.tracker.log_artifact(curve)
                 result["loss_curve"] = str(curve)
             self.tracker.finish("FINISHED")
-            (self.run_dir / "result.json").write_text(json.dumps(result, indent=2))
+            self.run_dir.write_json(RESULT, result)
         barrier()
         return result
 
     def fail(self, message: str) -> None:
+        """Record in MLflow why the run stopped (the caller prints the line)."""
         if self.env.is_main:
             self.tracker.set_tags({"failure": message})
             self.tracker.finish("FAILED")
-        print(f"error: {message}", file=sys.stderr, flush=True)

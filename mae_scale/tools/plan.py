@@ -266,7 +266,9 @@ def run_plan(args: argparse.Namespace) -> int:
     # A login node or laptop where the shards are not mounted: scope "plan" checks the model and the
     # numbers, not data, directories or devices (the plan reads no data).
     cfg = load_config(args.config, args.overrides, scope="plan")
-    if cfg.model.objective != "mae":
+    from mae_scale.objectives import OBJECTIVES
+
+    if OBJECTIVES[cfg.model.objective].encoder_sees_masked_tokens:
         raise ConfigError(f"plan models MAE's shapes (encoder on visible patches only); {args.config} is a "
                           f"{cfg.model.objective} preset, whose encoder sees every token: not covered yet")
     result = plan_memory(cfg, args.nodes, args.gpus_per_node, args.micro_batch, args.gpu_memory_gib)

@@ -1,6 +1,6 @@
 """Mask generators for the masked-image-modelling objectives that keep every token in the encoder.
 
-MAE drops tokens (its random masking lives in ``models/mae.py``). SimMIM and BEiT instead replace
+MAE drops tokens (its random masking lives in ``models/mae.py``, from noise ``mae.py`` here draws). SimMIM and BEiT instead replace
 the masked tokens by a learned mask token, so they need a boolean mask over the token grid, drawn
 per image on the host (in the data path or the step) and passed to the model as ``[B, L]``.
 
@@ -19,14 +19,21 @@ Every generator takes a ``numpy.random.Generator`` so a mask is a pure function 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from mae_scale.seeding import MicroKey
+
 Block = Tuple[int, int, int, int]  # (top, left, h, w) in tokens
 
-__all__ = ["simmim_mask", "beit_block_mask", "beit_block_mask_with_blocks", "mask_batch"]
+__all__ = ["simmim_mask", "beit_block_mask", "beit_block_mask_with_blocks", "mask_batch", "masks_for", "seed_drop_path"]
+
+# Streams of a micro-batch's draws (`MicroKey.seed_for`): the masks' numpy generator, and torch's
+# global generator, which drop path draws from.
+MASK_STREAM = 0x313
+DROP_PATH_STREAM = 0xD5
 
 
 def simmim_mask(
@@ -178,3 +185,15 @@ def beit_block_mask(
 def mask_batch(masks: List[np.ndarray]) -> torch.Tensor:
     """Per-image token masks [h, w] -> bool tensor [B, h * w] (row-major), as the models take it."""
     return torch.from_numpy(np.stack([m.reshape(-1) for m in masks]))
+
+
+def masks_for(key: MicroKey, batch: int, device: torch.device, draw: Callable[[np.random.Generator], np.ndarray]
+              ) -> torch.Tensor:
+    """bool [B, L] on `device`: `draw(rng)` per image, from the micro-batch's own mask stream."""
+    rng = np.random.default_rng(key.seed_for(MASK_STREAM))
+    return mask_batch([draw(rng) for _ in range(batch)]).to(device)
+
+
+def seed_drop_path(key: MicroKey) -> None:
+    """Drop path draws from torch's global generator: seeded per micro-batch for an exact resume."""
+    torch.manual_seed(key.seed_for(DROP_PATH_STREAM))

@@ -12,7 +12,7 @@ Loading never executes code from the files: DeepSpeed's own loader uses `weights
 the engine's checkpoint engine is replaced by one that loads with `weights_only=True` and allows
 only the plain DeepSpeed value types its checkpoints hold.
 
-Damage (mae_scale/checkpoint_integrity.py): the marker records every file's size and CRC-32, and
+Damage (`integrity.py`): the marker records every file's size and CRC-32, and
 `resume` checks them before DeepSpeed reads a byte. A checkpoint that fails its check, or fails to
 load, is renamed to `damaged_step_...` (never deleted; the scanners ignore it) and the previous
 complete one is tried; only when none loads does the run stop, in one line. A save that fails
@@ -29,12 +29,13 @@ import pickle
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from mae_scale.checkpoint_integrity import (CHECKSUM, SaveRecord, all_gather, check_collective, describe_error,
+from mae_scale.checkpoint.integrity import (CHECKSUM, SaveRecord, all_gather, check_collective, describe_error,
                                             install_save_hook, manifest)
+from mae_scale.errors import RunStopped
 from mae_scale.distributed import any_rank, barrier, broadcast_object
 from mae_scale.faults import enospc_if_armed, kill_if_armed
 
@@ -43,11 +44,11 @@ TAG_PREFIX = "step_"
 DAMAGED_PREFIX = "damaged_"  # a checkpoint moved aside: not step_*, so no scanner takes or deletes it
 
 
-class CheckpointError(Exception):
+class CheckpointError(RunStopped):
     """No checkpoint of the run can be loaded (one line; the run must not restart from step 0)."""
 
 
-class CheckpointSaveError(Exception):
+class CheckpointSaveError(RunStopped):
     """A checkpoint could not be written (one line); the previous complete one is intact."""
 
 
@@ -90,45 +91,6 @@ def latest_checkpoint(run_or_ckpt_root: Path) -> Optional[Path]:
 
 def read_marker(ckpt_dir: Path) -> dict:
     return json.loads((ckpt_dir / MARKER).read_text())
-
-
-def _safe_globals() -> list:
-    """The non-tensor types DeepSpeed puts in its checkpoints; each is plain data, not code."""
-    allowed = []
-    try:
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        allowed.append(ZeroStageEnum)
-    except ImportError:
-        pass
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
-        allowed += [LossScaler, DynamicLossScaler]
-    except ImportError:
-        pass
-    try:
-        from deepspeed.utils.tensor_fragment import fragment_address
-        allowed.append(fragment_address)
-    except ImportError:
-        pass
-    import collections
-    allowed += [collections.OrderedDict, set, torch.Size]
-    return allowed
-
-
-def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """torch.load that refuses to run code: weights_only=True with DeepSpeed's value types allowed."""
-    with torch.serialization.safe_globals(_safe_globals()):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def install_safe_loader(engine) -> None:
-    """Make the DeepSpeed engine load its checkpoints with `safe_torch_load`."""
-    checkpoint_engine = engine.checkpoint_engine
-
-    def load(path: str, map_location=None):
-        return safe_torch_load(path, map_location=map_location)
-
-    checkpoint_engine.load = load
 
 
 class CheckpointManager:
@@ -225,7 +187,7 @@ class CheckpointManager:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if marker["world_size"] != world and marker.get("zero_stage", 0) > 0:
             # ZeRO partitions are per rank: go through DeepSpeed's world-size-free universal format.
-            from mae_scale.reshard import load_universal, universal_checkpoint
+            from mae_scale.checkpoint.reshard import load_universal, universal_checkpoint
 
             if self.is_main:
                 print(f"resharding {ckpt_dir.name}: world size {marker['world_size']} -> {world} "

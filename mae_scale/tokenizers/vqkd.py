@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mae_scale.tokenizer_dalle import check_own_keys, shape_of, unit_pixels
+from mae_scale.tokenizers.dalle import check_own_keys, shape_of, unit_pixels
 
 LN_EPS = 1.0e-6  # get_model_default_params: norm_layer=partial(nn.LayerNorm, eps=1e-6)
 HEAD_DIM = 64  # official VQ-KD encoders: ViT-B, 768 / 12 heads

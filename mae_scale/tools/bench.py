@@ -121,7 +121,7 @@ def _cpu_memory_count(ts: TrainStep, variant: Variant, mask_ratio: float) -> int
     """On a CPU there is no allocator peak to read: count params + grads + Adam state + what autograd
     saves in one forward. (RSS is the process's all-time maximum: useless side by side.) Saved-tensor
     hooks only see eager code, so compiled blocks are counted through their eager form."""
-    from mae_scale.plan import saved_activation_bytes
+    from mae_scale.tools.plan import saved_activation_bytes
 
     net, imgs = ts.net, ts.imgs
     blocks = [*net.blocks, *net.decoder_blocks]
@@ -245,7 +245,7 @@ def add_bench_step_arguments(parser: argparse.ArgumentParser) -> argparse.Argume
 
 
 def run_bench_step(args: argparse.Namespace) -> int:
-    from mae_scale.cli import UserError
+    from mae_scale.errors import UserError
     from mae_scale.models.vit import VIT_ARCHS
 
     patch = VIT_ARCHS[args.model.removeprefix("mae_")].patch_size  # MAE preset mae_X is encoder X

@@ -2,8 +2,8 @@
 
 BEiT (https://arxiv.org/abs/2106.08254) predicts, for each masked patch, the id that a tokenizer
 gives the same crop. BEiT uses the DALL-E dVAE encoder (BEiT-v2 a VQ-KD encoder); no such weights
-can be downloaded here, so this module fits its own tokenizer (and loads a DALL-E encoder state
-dict you bring, see below and :mod:`mae_scale.tokenizer_dalle`):
+can be downloaded here, so this module fits its own tokenizer (`mae_scale.tokenizers` also loads a
+DALL-E or BEiT v2 VQ-KD encoder you bring):
 
 **PatchKMeansTokenizer** - NOT the DALL-E tokenizer, and no claim of equal quality: a codebook of
 ``vocab`` vectors learned by mini-batch k-means (Sculley 2010, "Web-scale k-means clustering") over
@@ -27,28 +27,13 @@ average one would have taken 8) is dead and is re-seeded from a random patch of 
 
 Files: safetensors only (``codebook`` + metadata: format, version, patch_size, vocab,
 normalisation).
-
-:func:`load_tokenizer` also loads the **DALL-E dVAE encoder** (BEiT v1's tokenizer,
-:mod:`mae_scale.tokenizer_dalle`) from a local *state dict*: a safetensors file, or a ``.pth``
-that ``torch.load(weights_only=True)`` reads (a dict of tensors, never arbitrary objects), whose
-keys are the official encoder's (``blocks.input.w``, ...). It refuses everything else with one
-line: URLs (local files only), missing files, pickled modules such as DALL-E's ``encoder.pkl``
-(unpickling runs code; convert it to a state dict first, see :mod:`mae_scale.tokenizer_dalle`),
-other pickles, and other safetensors files.
-
-It also loads the **BEiT v2 VQ-KD tokenizer's encoder side** (:mod:`mae_scale.tokenizer_vqkd`),
-e.g. the official ``vqkd_encoder_base_decoder_3x768x12_clip-*.pth`` as downloaded: a ``.pth``
-holding ``{"model": state_dict}`` (or ``{"state_dict": ...}``, or a bare state dict) read with
-``torch.load(weights_only=True)``, or a safetensors file of the state dict (keys
-``encoder.patch_embed.proj.weight``, ``quantize.embedding.weight``, ...).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional, Protocol, Union
+from typing import Dict, Optional, Union
 
 import torch
 
@@ -63,17 +48,6 @@ _DEAD_AFTER = 8  # a codeword is dead after DEAD_AFTER * vocab patches without a
 _CHUNK_ELEMENTS = 1 << 24  # patches x codewords per distance chunk (64 MiB of fp32)
 
 PathLike = Union[str, Path]
-
-
-class Tokenizer(Protocol):
-    """What the BEiT objective needs from a tokenizer."""
-
-    patch_size: int
-    vocab_size: int
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalized float images [B, 3, H, W] -> token ids Long [B, H/p, W/p]."""
-        ...
 
 
 def normalized_patches(images: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -133,119 +107,24 @@ class PatchKMeansTokenizer:
 
     @classmethod
     def load(cls, path: PathLike) -> "PatchKMeansTokenizer":
-        return load_tokenizer(path)
+        """A file written by `save` (any other file: `mae_scale.tokenizers.load_tokenizer`)."""
+        from safetensors import safe_open
 
-
-CONVERT_HINT = ("convert it to a state dict first, in your own trusted environment with the dall_e package: "
-                "import torch, safetensors.torch; enc = torch.load('encoder.pkl', map_location='cpu', "
-                "weights_only=False); safetensors.torch.save_file(enc.state_dict(), 'dalle_encoder.safetensors')")
-
-
-def _torch_state_dict(text: str) -> Dict[str, torch.Tensor]:
-    """A torch.save file read with weights_only=True (the restricted unpickler: no code runs)."""
-    import warnings
-
-    try:
-        with warnings.catch_warnings():  # e.g. "pickle protocol 4" notes on a foreign pickle
-            warnings.simplefilter("ignore")
-            obj = torch.load(text, map_location="cpu", weights_only=True)
-    except Exception:
-        obj = None
-    # A training checkpoint (BEiT v2's VQ-KD file: {"model": state_dict}): the restricted unpickler
-    # has already refused any non-primitive entry, so only the state dict is taken out.
-    for wrapper in ("model", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                       for k, v in obj.items()):
-        raise ValueError(f"refusing {text}: not a state dict of tensors readable with torch.load(weights_only="
-                         "True) (a pickled module like DALL-E's encoder.pkl runs code when loaded); "
-                         + CONVERT_HINT)
-    return obj
-
-
-def _external_tokenizer(names, load_state_dict: Callable[[], Dict[str, torch.Tensor]], text: str):
-    """A DALL-E encoder or a BEiT v2 VQ-KD tokenizer, told apart by the file's key `names`, built
-    from `load_state_dict()` and loaded strictly; None when the keys are neither's."""
-    from mae_scale.tokenizer_vqkd import is_vqkd_state_dict
-
-    if "blocks.input.w" in names:
-        from mae_scale.tokenizer_dalle import DallEEncoder as Encoder, DallETokenizer as Wrapper, check_state_dict
-        what = "a DALL-E encoder"
-    elif is_vqkd_state_dict(names):
-        from mae_scale.tokenizer_vqkd import VQKDEncoder as Encoder, VQKDTokenizer as Wrapper, check_state_dict
-        what = "a BEiT v2 VQ-KD"
-    else:
-        return None
-    sd = load_state_dict()
-    try:
-        encoder = Encoder(**Encoder.config_from_state_dict(sd))
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"{text}: not {what} state dict: {str(exc).splitlines()[0]}") from None
-    encoder.load_state_dict(check_state_dict(encoder, sd, text), strict=True)
-    return Wrapper(encoder)
-
-
-_NEITHER = ("neither a DALL-E dVAE encoder (no blocks.input.w) nor a BEiT v2 VQ-KD tokenizer (no "
-            "encoder.patch_embed.proj.weight + quantize.embedding.weight); other tokenizers are not implemented")
-
-
-def load_tokenizer(path: PathLike) -> Tokenizer:
-    """A tokenizer from a local file: ours (:meth:`PatchKMeansTokenizer.save`), a DALL-E encoder
-    or a BEiT v2 VQ-KD tokenizer.
-
-    Supported: our patch k-means safetensors; a DALL-E dVAE encoder state dict (key
-    ``blocks.input.w`` present) or a BEiT v2 VQ-KD state dict (keys
-    ``encoder.patch_embed.proj.weight`` and ``quantize.embedding.weight``; its decoder and teacher
-    keys are ignored) as safetensors or as a ``.pth`` read with ``torch.load(weights_only=True)``
-    (a bare state dict, or one under ``"model"`` / ``"state_dict"`` as training checkpoints hold
-    it), loaded strictly (hyper-parameters read off the shapes; a missing, unexpected or wrongly
-    shaped key is a one-line ValueError naming it). Refused with a one-line ValueError: URLs,
-    missing files, pickled modules (DALL-E's ``encoder.pkl``: never unpickled, the message gives
-    the conversion), other files (other tokenizers are not implemented).
-    """
-    text = str(path)
-    if "://" in text:
-        raise ValueError(f"tokenizer must be a local file, not a URL: {text}")
-    p = Path(text)
-    if not p.is_file():
-        raise ValueError(f"tokenizer file not found: {text}")
-    with open(p, "rb") as f:
-        head = f.read(8)
-    # Pickle protocol >= 2 starts with 0x80 (raw pickles, legacy torch.save); torch.save writes a zip.
-    if head[:1] == b"\x80" or head[:4] == b"PK\x03\x04":
-        sd = _torch_state_dict(text)
-        tokenizer = _external_tokenizer(sd, lambda: sd, text)
-        if tokenizer is None:
-            raise ValueError(f"{text} is a state dict but {_NEITHER}")
-        return tokenizer
-    from safetensors import safe_open
-
-    try:
-        with safe_open(text, framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            names = set(f.keys())
-            codebook = f.get_tensor("codebook") if "codebook" in names else None
-    except Exception:  # any parse failure means: not a safetensors file
-        raise ValueError(f"{text} is not a safetensors file; expected a tokenizer written by "
-                         "`mae-scale tokenizer fit` (safetensors: codebook + metadata) or a DALL-E "
-                         "encoder or BEiT v2 VQ-KD state dict") from None
-    if meta.get("format") != FORMAT:
-        from safetensors.torch import load_file
+            if meta.get("format") != FORMAT or "codebook" not in set(f.keys()):
+                raise ValueError(f"{path} is not a mae-scale patch k-means tokenizer (format={meta.get('format')!r})")
+            return cls.from_file(str(path), meta, f.get_tensor("codebook"))
 
-        tokenizer = _external_tokenizer(names, lambda: load_file(text), text)
-        if tokenizer is not None:
-            return tokenizer
-    if meta.get("format") != FORMAT or codebook is None:
-        raise ValueError(f"{text} is safetensors but not a mae-scale patch k-means tokenizer (format="
-                         f"{meta.get('format')!r}), and {_NEITHER}")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{text}: tokenizer format version {meta.get('version')!r}, this code reads {VERSION!r}")
-    patch_size = int(meta["patch_size"])
-    if codebook.shape != (int(meta["vocab"]), patch_size * patch_size * 3) or not torch.isfinite(codebook).all():
-        raise ValueError(f"{text}: codebook {tuple(codebook.shape)} does not match its metadata or is not finite")
-    return PatchKMeansTokenizer(codebook, patch_size)
+    @classmethod
+    def from_file(cls, text: str, meta: dict, codebook: torch.Tensor) -> "PatchKMeansTokenizer":
+        """The tokenizer of a file's metadata and codebook, both checked."""
+        if meta.get("version") != VERSION:
+            raise ValueError(f"{text}: tokenizer format version {meta.get('version')!r}, this code reads {VERSION!r}")
+        patch_size = int(meta["patch_size"])
+        if codebook.shape != (int(meta["vocab"]), patch_size * patch_size * 3) or not torch.isfinite(codebook).all():
+            raise ValueError(f"{text}: codebook {tuple(codebook.shape)} does not match its metadata or is not finite")
+        return cls(codebook, patch_size)
 
 
 @torch.no_grad()
@@ -397,68 +276,3 @@ def fit_tokenizer(
             "images_per_s": images / max(seconds, 1e-9), "reseeded": km.reseeded,
             # over the last epoch's assignments (codebook still moving): a training-side view only
             "usage": float((km.epoch_counts > 0).double().mean()), "perplexity": float(entropy.exp())}
-
-
-# ---------------------------------------------------------------------- CLI
-def _fit_command(args: argparse.Namespace) -> int:
-    """Every check a fit can fail is made before the first image is read: a fit takes hours, and
-    its output is written only at the end."""
-    from mae_scale.cli import UserError
-    from mae_scale.cli_args import check_output_file
-
-    if args.vocab < 2:
-        raise UserError(f"--vocab {args.vocab}: a codebook needs at least 2 codewords")
-    if args.input_size % args.patch_size:
-        raise UserError(f"--input-size {args.input_size} is not a multiple of --patch-size {args.patch_size}; "
-                        f"try --input-size {max(args.patch_size, args.input_size // args.patch_size * args.patch_size)}")
-    check_output_file(args.out, ".safetensors")
-    from data_pipeline import DataInputError, LoaderWorkerDied, TooManyBadSamples, resolve_shards
-
-    local = args.shards.partition("#")[0]
-    if "{" not in local and "://" not in local and not local.startswith("pipe:") and not Path(local).exists():
-        raise UserError(f"{args.shards} does not exist; point it at shards written by `mae-scale make-shards` "
-                        "(a folder, its manifest.json or a brace pattern)")
-    try:
-        shards = resolve_shards(args.shards)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{args.shards}: {str(exc).splitlines()[0]}; point it at shards written by "
-                        "`mae-scale make-shards`") from None
-    counts = getattr(shards, "counts", None)  # None: not known without reading (remote shards)
-    if counts is not None:
-        images = min(sum(counts) * args.epochs, args.max_images or sum(counts) * args.epochs)
-        patches = images * (args.input_size // args.patch_size) ** 2
-        if args.vocab > patches:  # k-means would read everything, then have no codebook to save
-            raise UserError(f"--vocab {args.vocab} is more than the {patches} patches of {images} images "
-                            f"at {args.input_size} px; use a smaller --vocab or more images")
-    try:
-        summary = fit_tokenizer(args.shards, args.vocab, args.out, patch_size=args.patch_size,
-                                input_size=args.input_size, batch_size=args.batch_size, max_images=args.max_images,
-                                epochs=args.epochs, seed=args.seed, num_workers=args.workers, progress=True)
-    except (ValueError, DataInputError, TooManyBadSamples, LoaderWorkerDied) as exc:
-        # the data or the settings against it (a batch larger than the shards, too many damaged
-        # samples): one line; the output was not written
-        raise UserError(f"{args.shards}: {str(exc).splitlines()[0]}") from None
-    print(f"wrote {summary['out']}: vocab {summary['vocab']}, {summary['images']} images in "
-          f"{summary['seconds']:.0f} s, {summary['reseeded']} re-seeded, last-epoch usage "
-          f"{summary['usage']:.1%}, perplexity {summary['perplexity']:.0f}", flush=True)
-    return 0
-
-
-def add_tokenizer_parser(subparsers) -> None:
-    """``mae-scale tokenizer fit SHARDS --vocab V --out FILE``: fit a patch k-means tokenizer."""
-    from mae_scale.cli_args import non_negative_int, positive_int
-
-    p = subparsers.add_parser("tokenizer", help="visual tokenizers for BEiT-style targets")
-    sub = p.add_subparsers(dest="what", required=True)
-    s = sub.add_parser("fit", help="fit a patch k-means codebook (mini-batch k-means) on shards; saves safetensors")
-    s.add_argument("shards", help="manifest, shard folder or brace pattern")
-    s.add_argument("--vocab", type=positive_int, default=8192, help="codebook size (BEiT's DALL-E vocabulary is 8192)")
-    s.add_argument("--out", required=True, help="output .safetensors file (missing folders are created)")
-    s.add_argument("--max-images", type=positive_int, default=None, help="stop after this many images (all epochs)")
-    s.add_argument("--batch-size", type=positive_int, default=64)
-    s.add_argument("--epochs", type=positive_int, default=1)
-    s.add_argument("--input-size", type=positive_int, default=224)
-    s.add_argument("--patch-size", type=positive_int, default=16, help="the model's patch size (a token per patch)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--workers", type=non_negative_int, default=0, help="loader worker processes")
-    s.set_defaults(run=_fit_command)
