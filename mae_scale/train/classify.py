@@ -106,6 +106,9 @@ class ClassifyTask:
                            augment=augment, max_bad_fraction=d.max_bad_fraction, pin_memory=self.loop.pin_memory,
                            image_key=d.image_key, label_key=d.label_key)
 
+    def tracked_params(self, params: dict) -> dict:
+        return params
+
     def started(self) -> None:
         self.param_dtype = next(self.loop.engine.module.parameters()).dtype
         self.mixup, self.criterion = self._mixup_and_criterion()

@@ -104,8 +104,8 @@ class Loop:
                                default_tracking_uri(self.run_dir.path, cfg.tracking.tracking_uri),
                                cfg.tracking.experiment, self.run_dir.path)
         self.tracker.start(cfg.tracking.run_name or self.run_dir.path.resolve().name,
-                           {**flatten(to_dict(cfg)), "world_size": env.world_size, "grad_accum_steps": self.accum,
-                            **schedule_summary(cfg, self.steps_per_epoch)}, run_id=run_id)
+                           {**task.tracked_params(flatten(to_dict(cfg))), "world_size": env.world_size,
+                            "grad_accum_steps": self.accum, **schedule_summary(cfg, self.steps_per_epoch)}, run_id=run_id)
         if self.resumed_from is None:
             self.tracker.log_artifact(self.run_dir.file(CONFIG))
         if cfg.tracking.system_metrics:

@@ -71,6 +71,13 @@ class PretrainTask:
                            decode_device=(f"cuda:{torch.cuda.current_device()}" if d.decode_device == "cuda"
                                           else d.decode_device))
 
+    def tracked_params(self, params: dict) -> dict:
+        """Without the model.* settings only other objectives read (a BEiT run has no mask ratio)."""
+        from mae_scale.config_checks import objective_fields
+
+        unread = {f"model.{name}" for name in objective_fields()} - {f"model.{n}" for n in self.objective.reads}
+        return {k: v for k, v in params.items() if k not in unread}
+
     def started(self) -> None:
         pass
 

@@ -31,6 +31,9 @@ class Task(Protocol):
 
     def loader(self, epoch: int, skip_batches: int): ...
 
+    def tracked_params(self, params: dict) -> dict:
+        """The flattened config as MLflow params: what this run reads."""
+
     def started(self) -> None:
         """The engine is built and the checkpoint (if any) loaded."""
 
