@@ -49,7 +49,7 @@ import numpy as np
 from .errors import DataInputError
 from .tario import IMAGE_EXTS
 
-__all__ = ["write_shards", "read_manifest", "verify_shards", "MANIFEST_FORMAT", "MANIFEST_NAME"]
+__all__ = ["write_shards", "read_manifest", "MANIFEST_FORMAT", "MANIFEST_NAME"]
 
 MANIFEST_FORMAT = "mae-scale-shards/1"
 MANIFEST_NAME = "manifest.json"

@@ -81,5 +81,7 @@ def report(exc: BaseException) -> Optional[int]:
 
     code = exit_code(exc)
     if code is not None and getattr(exc, "announce", True):
-        print(f"error: {one_line(exc)}", file=sys.stderr, flush=True)
+        # our own messages are one line by contract; the data pipeline's may carry detail lines
+        text = str(exc) if isinstance(exc, (UserError, RunStopped)) else one_line(exc)
+        print(f"error: {text}", file=sys.stderr, flush=True)
     return code

@@ -226,7 +226,11 @@ class ClassifyTask:
 def evaluate_only(cfg, env: DistEnv) -> dict:
     """`--eval-only`: the model of `model.init` (a fine-tuned run dir, an export, a published
     fine-tuned .pth) on the validation set; prints and returns the figures. The config has been
-    checked to name `model.init` (`validate_finetune`)."""
+    checked to name `model.init` (`validate_finetune`); a caller that skipped that gets the same line."""
+    if not cfg.model.init:
+        from mae_scale.config_load import ConfigError
+
+        raise ConfigError("--eval-only needs model.init=... (a fine-tuned run directory or weights file)")
     torch.manual_seed(cfg.train.seed)
     model = build_classifier(cfg)
     report = load_classifier_init(model, cfg)

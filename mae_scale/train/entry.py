@@ -71,11 +71,14 @@ def _run(verb: str, config: Optional[str], overrides: Sequence[str], accept_conf
     except RunInterrupted:
         raise
     except Exception as exc:
-        if kind_of(exc) is not RunStopped:
+        kind = kind_of(exc)
+        if kind is None:
             raise
         message = _explain(exc, loop)
         loop.fail(message)
-        raise RunStopped(message) from None
+        if kind is RunStopped:
+            raise RunStopped(message) from None
+        raise  # bad input found mid-run (a data set none of whose shards reads): its own status
     if env.is_main:
         print("\ndone:")
         print(f"  run directory    {result['run_dir']}")
