@@ -58,11 +58,13 @@ class EvalStream(IterableDataset):
     """One rank's samples; each (DataLoader) worker yields the batches of its own run."""
 
     def __init__(self, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
-                 num_workers: int, transform: Transform, keys: SampleKeys = DEFAULT_KEYS) -> None:
+                 num_workers: int, transform: Transform, keys: SampleKeys = DEFAULT_KEYS,
+                 limit: int | None = None) -> None:
         self.ss, self.batch_size, self.transform = shardset, batch_size, transform
         self.keys = keys
         self.W = max(num_workers, 1)
-        self.lo, self.hi = split_range(shardset.total, world_size, rank)
+        total = shardset.total if limit is None else min(limit, shardset.total)
+        self.lo, self.hi = split_range(total, world_size, rank)
         self.starts = [0]
         for c in shardset.counts:
             self.starts.append(self.starts[-1] + c)
@@ -194,12 +196,14 @@ def make_eval_loader(
     pin_memory: bool = False,
     image_key: str | None = None,
     label_key: str | None = None,
+    limit: int | None = None,
 ) -> EvalLoader:
     """This rank's share of every sample of ``shards``, exactly once over all ranks, unshuffled
     (see the module docstring). ``transform``: ``(bytes, generator) -> uint8 [3, S, S]``, called
     with ``generator=None`` (e.g. ``EvalTransform``); it must be picklable when
     ``num_workers > 0``. Unlabelled samples (no ``label_key`` member or field, or a negative one:
-    ``keys.py``) get label -1; ``image_key`` / ``label_key`` as in ``make_loader``."""
+    ``keys.py``) get label -1; ``image_key`` / ``label_key`` as in ``make_loader``. ``limit``: only
+    the first ``limit`` positions (a fixed subset, split over the ranks like the whole set)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
@@ -212,5 +216,5 @@ def make_eval_loader(
     keys = parse_keys(image_key, label_key)
     ss = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
     stream = EvalStream(ss, batch_size=batch_size, rank=rank, world_size=world_size,
-                        num_workers=num_workers, transform=transform, keys=keys)
+                        num_workers=num_workers, transform=transform, keys=keys, limit=limit)
     return EvalLoader(stream, num_workers, pin_memory)

@@ -60,6 +60,8 @@ class DataConfig:
         "or a weighted mix: a list of {shards: ..., weight: W, name: optional} (epochs of data.epoch_samples, "
         "default the sum of the sources' sizes).",
     )
+    val_shards: str = doc("", "Held-out shards for monitor.every_steps: the objective's loss on their first "
+                          "monitor.val_samples samples, with center crops and fixed masks.")
     image_key: str = doc("jpg;jpeg;png;webp;bmp;tif;tiff;gif;ppm",
                          "Tar member extensions that hold the image, ';'-separated, matched on the whole extension "
                          "after the key (`input.jpg` takes KEY.input.jpg); the first present wins.")
@@ -147,6 +149,23 @@ class TrackingConfig:
 
 
 @dataclass
+class MonitorConfig:
+    every_steps: int = doc(0, "Every this many steps (and before the first, and at the end): the objective's loss on a fixed held-out "
+                           "subset of data.val_shards (0: off).", range="[0, inf)")
+    val_samples: int = doc(2048, "Held-out samples (the first ones of data.val_shards), shared by the ranks.",
+                           range="[1, inf)")
+    knn_every_steps: int = doc(0, "Every this many steps (and before the first, and at the end): weighted k-NN top-1/top-5 of the encoder's "
+                               "features (cls token and mean-pooled) on labelled shards (0: off).", range="[0, inf)")
+    knn_train_shards: str = doc("", "Labelled shards the k-NN bank is made of (their first knn_train_samples).")
+    knn_val_shards: str = doc("", "Labelled shards the k-NN is scored on (their first knn_val_samples).")
+    knn_train_samples: int = doc(10000, "Bank size.", range="[1, inf)")
+    knn_val_samples: int = doc(2000, "Query samples.", range="[1, inf)")
+    knn_k: int = doc(20, "Neighbours that vote (DINO: 20).", range="[1, inf)")
+    knn_temperature: float = doc(0.07, "Vote weight exp(similarity / T) (DINO: 0.07).", range="(0, inf)")
+    batch_size: int = doc(64, "Images per forward of the monitor, per rank.", range="[1, inf)")
+
+
+@dataclass
 class PretrainConfig:
     output_dir: str = doc("runs/mae", "Run directory: config, checkpoints, pictures. Re-using it resumes the run.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -155,6 +174,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     deepspeed: dict = doc({}, "Raw DeepSpeed config merged on top of the generated one (expert use).")
 
 
@@ -202,6 +222,7 @@ def validate(cfg: PretrainConfig, scope: Scope = "run") -> None:
         raise ConfigError(f"data.epoch_samples={d.epoch_samples} needs data.resampled=true or a mix of sources in "
                           "data.train_shards (or set it to null)")
     checks.check_sample_keys(d.image_key, d.label_key)
+    _check_monitor(cfg, here=scope != "plan")
     validate_training(cfg)
     checks.check_decode_device(d.decode_device, here=scope == "run")
     if scope != "plan":
@@ -215,6 +236,21 @@ def validate(cfg: PretrainConfig, scope: Scope = "run") -> None:
         checks.check_epoch_holds_a_batch("data.train_shards",
                                          d.epoch_samples if (d.resampled or mixed) and d.epoch_samples else size,
                                          cfg.train.global_batch_size)
+
+
+def _check_monitor(cfg: PretrainConfig, here: bool) -> None:
+    """The monitor's shards are named when it is on (and exist, where the run will read them)."""
+    from mae_scale import config_checks as checks
+
+    mon, d = cfg.monitor, cfg.data
+    needed = [("data.val_shards", d.val_shards, "monitor.every_steps", mon.every_steps)]
+    needed += [(f"monitor.{key}", getattr(mon, key), "monitor.knn_every_steps", mon.knn_every_steps)
+               for key in ("knn_train_shards", "knn_val_shards")]
+    for key, spec, switch, every in needed:
+        if every and not spec:
+            raise ConfigError(f"{switch}={every} needs {key}: point it at shards (or set {switch}=0)")
+        if every and here:
+            checks.check_shards(key, spec, hint="shards written by `mae-scale make-shards`")
 
 
 def validate_training(cfg: Any) -> None:

@@ -39,7 +39,7 @@ SAFE = {
     "train.micro_batch_size", "train.grad_accum_steps", "train.eval_every_epochs",
     "checkpoint.every_steps", "checkpoint.keep_last", "checkpoint.signal_grace_s",
     "data.num_workers", "data.max_bad_fraction", "data.decode_device", "data.cache_dir", "data.eval_batch_size",
-    "tracking.*",
+    "tracking.*", "monitor.*",
 }
 ACCEPT = {
     "optim.blr", "optim.lr", "optim.min_lr", "optim.clip_grad", "train.epochs", "train.warmup_epochs", "train.seed",

@@ -125,23 +125,35 @@ def beit_grid(model, imgs: torch.Tensor, mask: torch.Tensor, tokenizer) -> Image
     return _mim_grid(imgs, pix_mask, render(target.reshape(target.shape[0], -1)), render(guessed))
 
 
-def save_loss_curve(metrics_file: Path, out_png: Path) -> bool:
-    """Plot loss and lr from the run's metrics.jsonl (one JSON object per logged step)."""
+def _rows_with(metrics_file: Path, key: str) -> list[dict]:
+    """The rows of metrics.jsonl that carry `key` (logged steps carry loss; monitor rows their figures)."""
     if not metrics_file.is_file():
-        return False
-    steps, losses, lrs = [], [], []
+        return []
+    rows = []
     for line in metrics_file.read_text().splitlines():
-        row = json.loads(line)
-        steps.append(row["step"])
-        losses.append(row["loss"])
-        lrs.append(row["lr"])
-    if not steps:
-        return False
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a torn last line (a kill mid-write): not a point of the curve
+            continue
+    return [row for row in rows if isinstance(row, dict) and row.get(key) is not None]
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_loss_curve(metrics_file: Path, out_png: Path) -> bool:
+    """Plot loss and lr from the run's metrics.jsonl (one JSON object per logged step)."""
+    rows = _rows_with(metrics_file, "loss")
+    if not rows:
+        return False
+    steps, losses, lrs = [r["step"] for r in rows], [r["loss"] for r in rows], [r["lr"] for r in rows]
+    plt = _pyplot()
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     ax_loss.plot(steps, losses, lw=1)
     ax_loss.set_ylabel("loss")
@@ -150,6 +162,29 @@ def save_loss_curve(metrics_file: Path, out_png: Path) -> bool:
     ax_lr.set_ylabel("lr")
     ax_lr.set_xlabel("optimizer step")
     ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+MONITOR_CURVES = (("heldout_loss", "held-out loss"), ("knn_top1_cls", "k-NN top-1 % (cls)"),
+                  ("knn_top1_mean", "k-NN top-1 % (mean-pooled)"))
+
+
+def save_monitor_curves(metrics_file: Path, out_png: Path) -> bool:
+    """Plot the monitor's figures (held-out loss, k-NN top-1) against the step, one panel each."""
+    curves = [(label, _rows_with(metrics_file, key), key) for key, label in MONITOR_CURVES]
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(curves), 1, figsize=(7, 2.5 * len(curves)), sharex=True, squeeze=False)
+    for ax, (label, rows, key) in zip(axes[:, 0], curves):
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], marker="o", lw=1)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("optimizer step")
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -27,7 +27,8 @@ def test_objective_declares_what_it_owns(name):
     objective = OBJECTIVES[name]
     assert objective.name == name
     assert set(objective.reads) <= MODEL_FIELDS, set(objective.reads) - MODEL_FIELDS
-    for method in ("encoder_arch", "check", "build_model", "flops_per_image", "loss", "picture"):
+    for method in ("encoder_arch", "check", "build_model", "flops_per_image", "loss", "picture", "heldout_loss",
+                   "features"):
         assert callable(getattr(objective, method, None)), method
     assert name in typing.get_args(typing.get_type_hints(ModelConfig)["objective"])  # the config accepts it
 
@@ -63,3 +64,29 @@ def test_tracked_params_drop_the_settings_of_other_objectives():
         assert model_keys == set(objective.reads) | {"name"}, name
         assert kept["optim.blr"] == 1e-4
     assert "model.norm_pix_loss" not in PretrainTask(OBJECTIVES["beit"](None)).tracked_params(flat)
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+def test_heldout_loss_and_features_of_every_objective(name, tmp_path):
+    """What the monitor asks of an objective: a loss whose masks follow the per-image seeds, and the
+    encoder's tokens of unmasked images [B, 1+L, D]."""
+    from mae_scale.tokenizers import PatchKMeansTokenizer
+
+    tokenizer = tmp_path / "tok.safetensors"
+    PatchKMeansTokenizer(torch.randn(16, 16 * 16 * 3, generator=torch.Generator().manual_seed(0))).save(tokenizer)
+    extra = {"mae": ["model.name=mae_vit_tiny_patch16"],
+             "simmim": ["model.name=vit_tiny_patch16", "model.mask_ratio=0.5"],
+             "beit": ["model.name=vit_tiny_patch16", f"model.tokenizer={tokenizer}", "model.num_masking_patches=6",
+                      "model.min_block_patches=2"]}[name]
+    cfg = load_config(None, [f"model.objective={name}", "data.input_size=64", *extra], scope="plan")
+    objective = OBJECTIVES[name](cfg)
+    torch.manual_seed(0)
+    model = objective.build_model().eval()
+    imgs = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        tokens = objective.features(model, imgs)
+        loss = objective.heldout_loss(model, imgs, [11, 12, 13])
+        same = objective.heldout_loss(model, imgs, [11, 12, 13])
+        other = objective.heldout_loss(model, imgs, [21, 22, 23])
+    assert tokens.shape == (3, 1 + 16, 192) and torch.isfinite(tokens).all()
+    assert torch.isfinite(loss) and torch.equal(loss, same) and not torch.equal(loss, other)

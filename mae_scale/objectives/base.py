@@ -9,6 +9,8 @@ and call it. An objective owns:
 - the masks and loss of one micro-batch, drawn from the micro-batch's `MicroKey` so that a resumed
   run repeats them exactly;
 - its picture (reconstructions), its training FLOPs per image (for MFU);
+- its loss with per-image fixed masks and its encoder's unmasked features (the monitor,
+  `mae_scale.train.monitor`);
 - the state-dict prefixes that exist only for pretraining (what `export` drops by default).
 
 Adding one: a file here with the class, a model file in `mae_scale/models/`, an entry in
@@ -52,6 +54,12 @@ class Objective(Protocol):
 
     def picture(self, model: torch.nn.Module, imgs: torch.Tensor, key: MicroKey) -> Image.Image:
         """Reconstructions of a few images, one row each."""
+
+    def heldout_loss(self, model: torch.nn.Module, imgs: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """The loss with each image's masks drawn from its own seed (the monitor's held-out loss)."""
+
+    def features(self, model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens [B, 1+L, D] (cls first, after the final norm) of unmasked images (k-NN)."""
 
 
 def encoder_by_name(model_name: str, objective: str) -> ViTArch:

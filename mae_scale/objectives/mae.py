@@ -58,6 +58,18 @@ class MAE:
         loss, _, _ = forward(imgs, mask_ratio=self.cfg.model.mask_ratio, noise=noise)
         return loss, {}
 
+    def heldout_loss(self, model: torch.nn.Module, imgs: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        # noise per image from its own seed, drawn on the CPU: the same masks on any device and split
+        noise = torch.stack([torch.rand(self.num_patches, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        loss, _, _ = model(imgs, mask_ratio=self.cfg.model.mask_ratio, noise=noise.to(imgs.device))
+        return loss
+
+    def features(self, model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+        # every patch kept, in order (ascending noise), so no random draw is made
+        order = torch.arange(self.num_patches, dtype=torch.float32, device=imgs.device).expand(imgs.shape[0], -1)
+        tokens, _, _ = model.forward_encoder(imgs.to(model.patch_embed.proj.weight.dtype), 0.0, order)
+        return tokens
+
     def picture(self, model: torch.nn.Module, imgs: torch.Tensor, key: MicroKey):
         # the run's seed itself: the same masks in every picture of the run, so they compare
         noise = self.noise(imgs.shape[0], key.seed, imgs.device)

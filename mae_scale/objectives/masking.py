@@ -28,7 +28,7 @@ from mae_scale.seeding import MicroKey
 
 Block = Tuple[int, int, int, int]  # (top, left, h, w) in tokens
 
-__all__ = ["simmim_mask", "beit_block_mask", "beit_block_mask_with_blocks", "mask_batch", "masks_for", "seed_drop_path"]
+__all__ = ["simmim_mask", "beit_block_mask", "beit_block_mask_with_blocks", "mask_batch", "masks_for", "masks_from_seeds", "seed_drop_path"]
 
 # Streams of a micro-batch's draws (`MicroKey.seed_for`): the masks' numpy generator, and torch's
 # global generator, which drop path draws from.
@@ -197,3 +197,10 @@ def masks_for(key: MicroKey, batch: int, device: torch.device, draw: Callable[[n
 def seed_drop_path(key: MicroKey) -> None:
     """Drop path draws from torch's global generator: seeded per micro-batch for an exact resume."""
     torch.manual_seed(key.seed_for(DROP_PATH_STREAM))
+
+
+def masks_from_seeds(seeds: list[int], device: torch.device, draw: Callable[[np.random.Generator], np.ndarray]
+                     ) -> torch.Tensor:
+    """bool [B, L]: `draw(rng)` per image from the image's own seed (held-out masks that stay the
+    same whatever batch or rank the image lands in)."""
+    return mask_batch([draw(np.random.default_rng(seed)) for seed in seeds]).to(device)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from mae_scale.config_load import ConfigError
 from mae_scale.models.mim import build_mim
 from mae_scale.objectives.base import encoder_by_name, refuse_init
-from mae_scale.objectives.masking import masks_for, seed_drop_path, simmim_mask
+from mae_scale.objectives.masking import masks_from_seeds, masks_for, seed_drop_path, simmim_mask
 from mae_scale.seeding import MicroKey
 from mae_scale.speed import mim_train_flops
 from mae_scale.visualize import simmim_grid
@@ -48,14 +49,23 @@ class SimMIM:
         return mim_train_flops(model, 1, masked_tokens=0)  # the head predicts every patch
 
     def masks(self, key: MicroKey, batch: int, device: torch.device) -> torch.Tensor:
+        return masks_for(key, batch, device, self.draw_mask)
+
+    def draw_mask(self, rng: np.random.Generator) -> np.ndarray:
+        """One image's mask [h, w] from `rng`."""
         m = self.cfg.model
-        return masks_for(key, batch, device, lambda rng: simmim_mask(
-            rng, self.cfg.data.input_size, m.mask_patch_size, self.patch_size, m.mask_ratio))
+        return simmim_mask(rng, self.cfg.data.input_size, m.mask_patch_size, self.patch_size, m.mask_ratio)
 
     def loss(self, forward, imgs: torch.Tensor, key: MicroKey):
         seed_drop_path(key)
         loss, _, extras = forward(imgs, self.masks(key, imgs.shape[0], imgs.device), None)
         return loss, extras
+
+    def heldout_loss(self, model: torch.nn.Module, imgs: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        return model(imgs, masks_from_seeds(seeds, imgs.device, self.draw_mask), None)[0]
+
+    def features(self, model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
+        return model.forward_encoder(imgs.to(model.patch_embed.proj.weight.dtype))
 
     def picture(self, model: torch.nn.Module, imgs: torch.Tensor, key: MicroKey):
         return simmim_grid(model, imgs, self.masks(key, imgs.shape[0], imgs.device))

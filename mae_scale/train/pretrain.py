@@ -12,7 +12,9 @@ import torch
 
 from mae_scale.distributed import barrier
 from mae_scale.optim import build_optimizer
-from mae_scale.visualize import normalize_on_device
+from mae_scale.train.monitor import Monitor
+from mae_scale.train.rundir import METRICS, MONITOR_CURVE
+from mae_scale.visualize import normalize_on_device, save_monitor_curves
 
 PICTURE_IMAGES = 4
 
@@ -79,7 +81,8 @@ class PretrainTask:
         return {k: v for k, v in params.items() if k not in unread}
 
     def started(self) -> None:
-        pass
+        mon = self.cfg.monitor
+        self.monitor = Monitor(self.cfg, self.env, self.objective) if mon.every_steps or mon.knn_every_steps else None
 
     def micro_loss(self, micro: int, batch: dict):
         imgs = normalize_on_device(batch["image"], self.env.device)
@@ -88,9 +91,12 @@ class PretrainTask:
     # -- pictures --------------------------------------------------------------------------------
 
     def before_train(self) -> None:
-        pass
+        if self.monitor is not None and self.loop.global_step == 0:
+            self._monitor(at_start=True)  # the curve starts at the initial weights
 
     def after_step(self, micro_batches: list[dict]) -> None:
+        if self.monitor is not None:
+            self._monitor()
         every = self.cfg.tracking.image_every_steps
         if every and self.loop.global_step % every == 0:
             self.picture = self._picture(micro_batches[0])
@@ -102,6 +108,23 @@ class PretrainTask:
     def after_train(self, micro_batches) -> None:
         if micro_batches is not None and self.picture_step != self.loop.global_step:
             self.picture = self._picture(micro_batches[0])  # the run always ends with a current picture
+        run_dir = self.loop.run_dir
+        if self.env.is_main and save_monitor_curves(run_dir.file(METRICS), run_dir.file(MONITOR_CURVE)):
+            self.loop.tracker.log_artifact(run_dir.file(MONITOR_CURVE))
+
+    def _monitor(self, at_start: bool = False) -> None:
+        """The monitor's figures when due: a row of their own in metrics.jsonl (cut back with it on a
+        resume, so the curve has no duplicate or missing step) and MLflow metrics at the step."""
+        loop = self.loop
+        heldout, knn = self.monitor.due(loop.global_step, loop.end_step, at_start)
+        if not (heldout or knn):
+            return
+        row = self.monitor.measure(loop.engine.module, heldout, knn)  # every rank: collective
+        if self.env.is_main:
+            loop.run_dir.append(METRICS, {"step": loop.global_step, "epoch": loop.epoch, **row})
+            loop.tracker.log_metrics(row, step=loop.global_step)
+            figures = " | ".join(f"{k} {v:.4g}" for k, v in row.items() if k not in ("monitor_s",))
+            print(f"monitor at step {loop.global_step}: {figures} ({row['monitor_s']:.1f} s)", flush=True)
 
     def before_save(self) -> None:
         pass
@@ -111,11 +134,14 @@ class PretrainTask:
         lines = [f"reconstructions  {result['picture']}"]
         if result.get("loss_curve"):
             lines.append(f"loss curve       {result['loss_curve']}")
+        if result.get("monitor_curve"):
+            lines.append(f"monitor curve    {result['monitor_curve']}")
         return lines
 
     def result_extra(self) -> dict:
         picture = self.picture or self.loop.run_dir.newest_picture()  # None: a rerun of a finished run
-        return {"picture": str(picture) if picture else None}
+        curve = self.loop.run_dir.file(MONITOR_CURVE)
+        return {"picture": str(picture) if picture else None, **({"monitor_curve": str(curve)} if curve.is_file() else {})}
 
     def _picture(self, batch: dict) -> Optional[Path]:
         """Reconstructions of a few images of this step. Every rank runs the forward (ZeRO-3

@@ -2,11 +2,13 @@
 its lock: `mae_scale.runlock`).
 
     RUN_DIR/config.yaml          the config the run was started with (checked on every resume)
-    RUN_DIR/metrics.jsonl        a row per logged step (loss, lr, speed, MFU, memory, bad samples)
+    RUN_DIR/metrics.jsonl        a row per logged step (loss, lr, speed, MFU, memory, bad samples), and
+                                 a row per monitor measurement (held-out loss, k-NN accuracy)
     RUN_DIR/eval.jsonl           a row per evaluation (fine-tuning, linear probing)
     RUN_DIR/attempts.jsonl       a row per start: when, where, world size, from which step
     RUN_DIR/reconstructions/     step_XXXXXXXX.png pictures (pretraining)
     RUN_DIR/loss_curve.png       the loss curve, drawn at the end
+    RUN_DIR/monitor.png          held-out loss and k-NN curves (with `monitor.*` on), drawn at the end
     RUN_DIR/result.json          what the run ended with
     RUN_DIR/eval_only.json       what `--eval-only` measured
     RUN_DIR/checkpoints/         step_XXXXXXXX/ with a COMPLETE marker
@@ -31,6 +33,7 @@ RESULT = "result.json"
 EVAL_ONLY = "eval_only.json"
 PICTURES = "reconstructions"
 LOSS_CURVE = "loss_curve.png"
+MONITOR_CURVE = "monitor.png"
 
 
 def _json_or_none(line: str) -> Optional[dict]:
