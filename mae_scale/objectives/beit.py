@@ -12,26 +12,19 @@ import torch
 
 from mae_scale.config_load import ConfigError
 from mae_scale.models.mim import build_mim
-from mae_scale.objectives.base import encoder_by_name, refuse_init
-from mae_scale.objectives.masking import masks_from_seeds, beit_block_mask, masks_for, seed_drop_path
+from mae_scale.objectives.base import refuse_init
+from mae_scale.objectives.mask_token import MaskTokenObjective
+from mae_scale.objectives.masking import beit_block_mask
 from mae_scale.seeding import MicroKey
 from mae_scale.speed import mim_train_flops
 from mae_scale.visualize import beit_grid
 from mae_scale.weights import WeightsError
 
 
-class BEiT:
+class BEiT(MaskTokenObjective):
     name = "beit"
     reads = ("num_masking_patches", "min_block_patches", "tokenizer", "layer_scale", "drop_path")
     pretrain_only_prefixes = ("mask_token", "beit_head.")
-    encoder_sees_masked_tokens = True
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-
-    @classmethod
-    def encoder_arch(cls, model_name: str):
-        return encoder_by_name(model_name, cls.name)
 
     @classmethod
     def check(cls, cfg: Any, patch_size: int) -> None:
@@ -65,26 +58,15 @@ class BEiT:
     def flops_per_image(self, model: torch.nn.Module) -> float:
         return mim_train_flops(model, 1, masked_tokens=self.cfg.model.num_masking_patches)
 
-    def masks(self, key: MicroKey, batch: int, device: torch.device) -> torch.Tensor:
-        return masks_for(key, batch, device, self.draw_mask)
-
     def draw_mask(self, rng: np.random.Generator) -> np.ndarray:
         """One image's mask [h, w] from `rng`."""
         m = self.cfg.model
         return beit_block_mask(rng, self.token_grid, m.num_masking_patches, m.min_block_patches)
 
-    def loss(self, forward, imgs: torch.Tensor, key: MicroKey):
-        seed_drop_path(key)
-        masks = self.masks(key, imgs.shape[0], imgs.device)
-        loss, _, extras = forward(imgs, masks, self.tokenizer.encode(imgs))
-        return loss, extras  # masked_acc: the share of masked tokens whose id is guessed
-
-    def heldout_loss(self, model: torch.nn.Module, imgs: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        masks = masks_from_seeds(seeds, imgs.device, self.draw_mask)
-        return model(imgs, masks, self.tokenizer.encode(imgs))[0]
-
-    def features(self, model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-        return model.forward_encoder(imgs.to(model.patch_embed.proj.weight.dtype))
+    def targets(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The tokenizer's ids of the same crop [B, h, w]; the model's extras then carry masked_acc,
+        the share of masked tokens whose id it guesses."""
+        return self.tokenizer.encode(imgs)
 
     def picture(self, model: torch.nn.Module, imgs: torch.Tensor, key: MicroKey):
         return beit_grid(model, imgs, self.masks(key, imgs.shape[0], imgs.device), self.tokenizer)

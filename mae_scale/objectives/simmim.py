@@ -10,25 +10,18 @@ import torch
 
 from mae_scale.config_load import ConfigError
 from mae_scale.models.mim import build_mim
-from mae_scale.objectives.base import encoder_by_name, refuse_init
-from mae_scale.objectives.masking import masks_from_seeds, masks_for, seed_drop_path, simmim_mask
+from mae_scale.objectives.base import refuse_init
+from mae_scale.objectives.mask_token import MaskTokenObjective
+from mae_scale.objectives.masking import simmim_mask
 from mae_scale.seeding import MicroKey
 from mae_scale.speed import mim_train_flops
 from mae_scale.visualize import simmim_grid
 
 
-class SimMIM:
+class SimMIM(MaskTokenObjective):
     name = "simmim"
     reads = ("mask_ratio", "mask_patch_size", "layer_scale", "drop_path")
     pretrain_only_prefixes = ("mask_token", "simmim_head.")
-    encoder_sees_masked_tokens = True
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-
-    @classmethod
-    def encoder_arch(cls, model_name: str):
-        return encoder_by_name(model_name, cls.name)
 
     @classmethod
     def check(cls, cfg: Any, patch_size: int) -> None:
@@ -48,24 +41,10 @@ class SimMIM:
     def flops_per_image(self, model: torch.nn.Module) -> float:
         return mim_train_flops(model, 1, masked_tokens=0)  # the head predicts every patch
 
-    def masks(self, key: MicroKey, batch: int, device: torch.device) -> torch.Tensor:
-        return masks_for(key, batch, device, self.draw_mask)
-
     def draw_mask(self, rng: np.random.Generator) -> np.ndarray:
         """One image's mask [h, w] from `rng`."""
         m = self.cfg.model
         return simmim_mask(rng, self.cfg.data.input_size, m.mask_patch_size, self.patch_size, m.mask_ratio)
-
-    def loss(self, forward, imgs: torch.Tensor, key: MicroKey):
-        seed_drop_path(key)
-        loss, _, extras = forward(imgs, self.masks(key, imgs.shape[0], imgs.device), None)
-        return loss, extras
-
-    def heldout_loss(self, model: torch.nn.Module, imgs: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        return model(imgs, masks_from_seeds(seeds, imgs.device, self.draw_mask), None)[0]
-
-    def features(self, model: torch.nn.Module, imgs: torch.Tensor) -> torch.Tensor:
-        return model.forward_encoder(imgs.to(model.patch_embed.proj.weight.dtype))
 
     def picture(self, model: torch.nn.Module, imgs: torch.Tensor, key: MicroKey):
         return simmim_grid(model, imgs, self.masks(key, imgs.shape[0], imgs.device))
