@@ -30,15 +30,26 @@ def _start(args: list[str]) -> subprocess.Popen:
 
 
 def _wait_for_rows(out, rows: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    _wait_for_file_lines(out / "metrics.jsonl", rows, proc, timeout)
+
+
+def _wait_for_steps_of_attempt(out, attempt: int, steps: int, proc: subprocess.Popen) -> None:
+    """A restarted run is training (its signal handlers installed): its start is recorded (after the
+    resume cut metrics.jsonl back) and `steps` more rows have come since. Counting rows alone is not
+    enough: the previous attempt may have left as many in the file before the cut."""
+    _wait_for_file_lines(out / "attempts.jsonl", attempt, proc)
+    _wait_for_rows(out, len((out / "metrics.jsonl").read_text().splitlines()) + steps, proc)
+
+
+def _wait_for_file_lines(path, lines: int, proc: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.time() + timeout
-    path = out / "metrics.jsonl"
     while time.time() < deadline:
-        if path.is_file() and len(path.read_text().splitlines()) >= rows:
+        if path.is_file() and len(path.read_text().splitlines()) >= lines:
             return
         if proc.poll() is not None:
             raise AssertionError(f"the run ended early:\n{proc.stderr.read()[-3000:]}")
         time.sleep(0.2)
-    raise AssertionError("the run did not get going in time")
+    raise AssertionError(f"{path} did not reach {lines} lines in time")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -79,7 +90,7 @@ def test_second_signal_stops_at_once_and_a_slow_save_is_not_started(small_shards
     assert "no checkpoint: the last save took" in _errors(stderr)[0]
 
     proc = _start(args)
-    _wait_for_rows(out, 6, proc)
+    _wait_for_steps_of_attempt(out, 2, 2, proc)
     os.killpg(proc.pid, signal.SIGTERM)
     time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGTERM)
