@@ -10,7 +10,6 @@ patch is mapped back with its original patch's mean and std (the usual way to vi
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -125,17 +124,9 @@ def beit_grid(model, imgs: torch.Tensor, mask: torch.Tensor, tokenizer) -> Image
     return _mim_grid(imgs, pix_mask, render(target.reshape(target.shape[0], -1)), render(guessed))
 
 
-def _rows_with(metrics_file: Path, key: str) -> list[dict]:
+def _rows_with(rows: list[dict], key: str) -> list[dict]:
     """The rows of metrics.jsonl that carry `key` (logged steps carry loss; monitor rows their figures)."""
-    if not metrics_file.is_file():
-        return []
-    rows = []
-    for line in metrics_file.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:  # a torn last line (a kill mid-write): not a point of the curve
-            continue
-    return [row for row in rows if isinstance(row, dict) and row.get(key) is not None]
+    return [row for row in rows if row.get(key) is not None]
 
 
 def _pyplot():
@@ -147,9 +138,9 @@ def _pyplot():
     return plt
 
 
-def save_loss_curve(metrics_file: Path, out_png: Path) -> bool:
-    """Plot loss and lr from the run's metrics.jsonl (one JSON object per logged step)."""
-    rows = _rows_with(metrics_file, "loss")
+def save_loss_curve(metrics: list[dict], out_png: Path) -> bool:
+    """Plot loss and lr from the run's metrics.jsonl rows (`RunDir.rows`)."""
+    rows = _rows_with(metrics, "loss")
     if not rows:
         return False
     steps, losses, lrs = [r["step"] for r in rows], [r["loss"] for r in rows], [r["lr"] for r in rows]
@@ -172,9 +163,9 @@ MONITOR_CURVES = (("heldout_loss", "held-out loss"), ("knn_top1_cls", "k-NN top-
                   ("knn_top1_mean", "k-NN top-1 % (mean-pooled)"))
 
 
-def save_monitor_curves(metrics_file: Path, out_png: Path) -> bool:
+def save_monitor_curves(metrics: list[dict], out_png: Path) -> bool:
     """Plot the monitor's figures (held-out loss, k-NN top-1) against the step, one panel each."""
-    curves = [(label, _rows_with(metrics_file, key), key) for key, label in MONITOR_CURVES]
+    curves = [(label, _rows_with(metrics, key), key) for key, label in MONITOR_CURVES]
     curves = [c for c in curves if c[1]]
     if not curves:
         return False

@@ -367,7 +367,7 @@ class Loop:
                   "mlflow_uri": self.tracker.uri, "mlflow_run_id": self.tracker.run_id}
         if self.env.is_main:
             curve = self.run_dir.file(LOSS_CURVE)
-            if save_loss_curve(self.run_dir.file(METRICS), curve):
+            if save_loss_curve(self.run_dir.rows(METRICS), curve):
                 self.tracker.log_artifact(curve)
                 result["loss_curve"] = str(curve)
             self.tracker.finish("FINISHED")

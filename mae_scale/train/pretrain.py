@@ -109,7 +109,7 @@ class PretrainTask:
         if micro_batches is not None and self.picture_step != self.loop.global_step:
             self.picture = self._picture(micro_batches[0])  # the run always ends with a current picture
         run_dir = self.loop.run_dir
-        if self.env.is_main and save_monitor_curves(run_dir.file(METRICS), run_dir.file(MONITOR_CURVE)):
+        if self.env.is_main and save_monitor_curves(run_dir.rows(METRICS), run_dir.file(MONITOR_CURVE)):
             self.loop.tracker.log_artifact(run_dir.file(MONITOR_CURVE))
 
     def _monitor(self, at_start: bool = False) -> None:
