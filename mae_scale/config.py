@@ -24,6 +24,10 @@ from mae_scale.config_load import (ConfigError, apply_overrides, build, config_w
 
 SEED_RANGE = "[0, 4294967295]"  # numpy's SeedSequence takes no negatives; uint32 is the common seed space
 
+# The tokens and position embeddings a ViT here may hold, by the last part of the parameter's name.
+TokenName = Literal["cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "dist_token", "reg_token"]
+TOKEN_NAMES: tuple[str, ...] = TokenName.__args__
+
 
 @dataclass
 class ModelConfig:
@@ -89,8 +93,14 @@ class OptimConfig:
     blr: float = doc(1.5e-4, "Base learning rate; lr = blr x global_batch_size / 256.", range="(0, inf)")
     lr: Optional[float] = doc(None, "Absolute peak learning rate; overrides blr when set.", range="(0, inf)")
     min_lr: float = doc(0.0, "Learning rate at the end of the cosine (at most the peak).", range="[0, inf)")
-    weight_decay: float = doc(0.05, "AdamW weight decay (never on biases, norms, tokens, position embeddings).",
-                               range="[0, inf)")
+    weight_decay: float = doc(0.05, "AdamW weight decay (never on biases and norm weights; tokens: "
+                               "`optim.no_weight_decay`).", range="[0, inf)")
+    no_weight_decay: list[TokenName] = doc(
+        [], "Tokens and position embeddings spared weight decay; the others are decayed like any matrix. "
+        "[]: the official MAE script (cls_token and mask_token decayed); the official SimMIM and BEiT "
+        "scripts spare [cls_token, pos_embed]; this project's earlier rule spared every one "
+        "([cls_token, mask_token, pos_embed, decoder_pos_embed, dist_token, reg_token]). Frozen sin-cos "
+        "embeddings are not trained either way.")
     betas: list[float] = doc([0.9, 0.95], "AdamW betas (two numbers).", range="[0, 1)")
     clip_grad: Optional[float] = doc(None, "Clip the global gradient norm to this value (None: no clipping).",
                                       range="(0, inf)")

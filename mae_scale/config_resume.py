@@ -22,8 +22,8 @@ Every leaf key of both config trees is in exactly one of three classes (a test k
   (objective, mode), train.precision and train.zero_stage (how the weights and optimizer state are
   stored), train.global_batch_size (the position in the epoch is counted in global batches), and
   optimizer settings that live in the checkpoint's optimizer state (optim.name, betas, weight_decay,
-  layer_decay, momentum: torch restores the param-group values on load, so a new one would silently
-  not apply). The world size is not in the config: a checkpoint is resharded to any world size.
+  no_weight_decay, layer_decay, momentum: torch restores the param-group values on load, so a new one
+  would silently not apply; a new no_weight_decay moves parameters between the groups). The world size is not in the config: a checkpoint is resharded to any world size.
 """
 
 from __future__ import annotations
@@ -52,9 +52,13 @@ ACCEPT = {
 REFUSE = {
     "mode", "model.objective", "model.name", "model.arch", "model.num_classes", "model.global_pool",
     "model.layer_scale", "model.tokenizer", "data.input_size", "train.precision", "train.zero_stage",
-    "train.global_batch_size", "optim.name", "optim.betas", "optim.weight_decay", "optim.layer_decay",
-    "optim.momentum",
+    "train.global_batch_size", "optim.name", "optim.betas", "optim.weight_decay", "optim.no_weight_decay",
+    "optim.layer_decay", "optim.momentum",
 }
+# What a run whose saved config predates a key did, where that is not the key's default today: runs
+# before optim.no_weight_decay spared every token and position embedding from weight decay.
+PREDATES = {"optim.no_weight_decay": ["cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "dist_token",
+                                      "reg_token"]}
 
 
 class ResumeChanges(NamedTuple):
@@ -89,7 +93,7 @@ def _value(data: dict, key: str, default: Any) -> Any:
     node: Any = data
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return default  # a key the saved config predates: that run had what is now the default
+            return default  # a key the saved config predates: that run had `default` (see PREDATES)
         node = node[part]
     return node
 
@@ -108,7 +112,7 @@ def resume_changes(saved: dict, new: Any, kind: str = "pretrain") -> ResumeChang
     out = ResumeChanges([], [], [])
     for key, f, _ in leaf_fields(_tree(kind)):
         default = default_of(f)
-        old, now = _value(saved, key, default), _value(new, key, default)
+        old, now = _value(saved, key, PREDATES.get(key, default)), _value(new, key, default)
         if old == now and type(old) is type(now) or _same_number(old, now):
             continue
         getattr(out, resume_class(key)).append(f"{key}: {_show(old)} -> {_show(now)}")

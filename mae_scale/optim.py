@@ -12,24 +12,27 @@ import math
 
 import torch
 
-from mae_scale.config import PretrainConfig, deep_merge, peak_lr
+from mae_scale.config import TOKEN_NAMES, PretrainConfig, deep_merge, peak_lr
 
-# Parameters that are tokens or position embeddings: never weight-decayed, whatever their shape.
-NO_DECAY_NAMES = ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed", "dist_token", "reg_token")
-
-
-def skips_weight_decay(name: str, param: torch.Tensor) -> bool:
-    """Biases, norm weights (every 1-d parameter) and tokens / position embeddings get no decay."""
-    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES
+# Tokens and position embeddings by name. Fine-tuning never decays them (as the official MAE/BEiT
+# fine-tuning scripts); pretraining decays those not listed in `optim.no_weight_decay`.
+NO_DECAY_NAMES = TOKEN_NAMES
 
 
-def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def skips_weight_decay(name: str, param: torch.Tensor, exempt: tuple[str, ...] = NO_DECAY_NAMES) -> bool:
+    """Biases and norm weights (every 1-d parameter) never get decay; nor do the tokens / position
+    embeddings named in `exempt` (the rest of their kind are decayed like any matrix)."""
+    return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in exempt
+
+
+def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
+                              exempt: tuple[str, ...] = NO_DECAY_NAMES) -> list[dict]:
     """Two groups: decayed and not decayed; frozen parameters (fixed sin-cos embeddings) are left out."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if skips_weight_decay(name, param) else decay).append(param)
+        (no_decay if skips_weight_decay(name, param, exempt) else decay).append(param)
     return [
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
         {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
@@ -55,7 +58,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def build_optimizer(model: torch.nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
     """Plain torch AdamW: DeepSpeed wraps it. Chosen over DeepSpeed's fused/CPU Adam because it
     resumes bit for bit (see the notes on DeepSpeed); on GPU the fused kernel is selected."""
-    groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
+    groups = param_groups_weight_decay(model, cfg.optim.weight_decay, tuple(cfg.optim.no_weight_decay))
     fused = torch.cuda.is_available() and next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.optim.betas), fused=fused or None)
 

@@ -31,8 +31,8 @@ def _numeric(tp) -> tuple[bool, bool]:
     """(is numeric, is a list of numbers) for a field type."""
     args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is typing.Union else [tp]
     inner = args[0]
-    if typing.get_origin(inner) is list:
-        return True, True
+    if typing.get_origin(inner) is list:  # a list of numbers (betas), not of names (no_weight_decay)
+        return typing.get_args(inner)[0] in (int, float), True
     return inner in (int, float), False
 
 
