@@ -6,8 +6,6 @@ the bottom run `mae-scale pretrain` / `export` / `status` as subprocesses."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import zipfile
