@@ -207,7 +207,10 @@ def type_name(tp: Any) -> str:
         args = typing.get_args(tp)
         return " or ".join(type_name(a) for a in args if a is not type(None)) + (" or null" if type(None) in args else "")
     if origin is list:
-        return f"list of {type_name(typing.get_args(tp)[0])}"
+        inner = typing.get_args(tp)[0]
+        if typing.get_origin(inner) is Literal:
+            return "list, each " + type_name(inner)
+        return f"list of {type_name(inner)}"
     return getattr(tp, "__name__", str(tp))
 
 

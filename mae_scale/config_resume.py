@@ -100,7 +100,7 @@ def _value(data: dict, key: str, default: Any) -> Any:
 
 def _show(value: Any) -> str:
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= 120 else text[:117] + "..."  # room for a whole list to put back
 
 
 def resume_changes(saved: dict, new: Any, kind: str = "pretrain") -> ResumeChanges:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mae_scale.config import ConfigError, check_batch_layout, load_config, peak_lr
+from mae_scale.config import ConfigError, check_batch_layout, load_config, peak_lr, read_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs/pretrain/mae_vit_tiny_smoke.yaml"
@@ -36,6 +36,7 @@ def test_huge_preset_is_the_paper_recipe(tmp_path):
     assert cfg.train.global_batch_size == 4096 and cfg.train.epochs == 800 and cfg.train.warmup_epochs == 40
     assert cfg.optim.blr == 1.5e-4 and cfg.optim.betas == [0.9, 0.95] and cfg.optim.weight_decay == 0.05
     assert cfg.optim.min_lr == 0.0 and cfg.optim.clip_grad is None
+    assert cfg.optim.no_weight_decay == []  # the official script decays cls_token and mask_token too
     assert cfg.data.input_size == 224 and cfg.data.crop_scale_min == 0.2
     assert peak_lr(cfg) == pytest.approx(1.5e-4 * 4096 / 256)
 
@@ -47,6 +48,23 @@ def test_inherited_presets_change_only_what_they_say(tmp_path):
     assert large.model.name == "mae_vit_large_patch16" and large.train.epochs == 800
     assert base.model.name == "mae_vit_base_patch16" and base.train.epochs == 1600
     assert base.optim.blr == large.optim.blr == 1.5e-4 and base.train.global_batch_size == 4096
+
+
+@pytest.mark.parametrize("preset", ["simmim_vit_base_patch16_800ep", "beit_vit_base_patch16_800ep",
+                                    "fashion_mnist_simmim", "fashion_mnist_beit"])
+def test_simmim_and_beit_presets_spare_what_their_official_scripts_spare(preset):
+    """Their models' no_weight_decay() lists: {pos_embed, cls_token}; mask_token is decayed."""
+    data = read_preset(ROOT / f"configs/pretrain/{preset}.yaml")
+    assert data["optim"]["no_weight_decay"] == ["cls_token", "pos_embed"]
+
+
+def test_no_weight_decay_takes_token_names_only():
+    cfg = load_config(SMOKE, ["optim.no_weight_decay=[cls_token,mask_token]"])
+    assert cfg.optim.no_weight_decay == ["cls_token", "mask_token"]
+    with pytest.raises(ConfigError, match=r"optim.no_weight_decay\[1\]='blocks.0.attn' is not allowed; use one of"):
+        load_config(SMOKE, ["optim.no_weight_decay=[cls_token,blocks.0.attn]"])
+    with pytest.raises(ConfigError, match="optim.no_weight_decay='cls_token' has the wrong type; expected list"):
+        load_config(SMOKE, ["optim.no_weight_decay=cls_token"])
 
 
 def test_overrides_apply_with_types():

@@ -68,6 +68,7 @@ def test_run_changes_need_the_switch(tmp_path):
     ("train.zero_stage=2", "train.zero_stage: 1 -> 2"),
     ("train.global_batch_size=16", "train.global_batch_size: 32 -> 16"),
     ("optim.betas=[0.9,0.999]", "optim.betas"),
+    ("optim.no_weight_decay=[cls_token]", "optim.no_weight_decay: [] -> ['cls_token']"),
 ])
 def test_what_the_checkpoint_cannot_take_is_refused_even_with_the_switch(tmp_path, override, key):
     old = saved(load_config(SMOKE), tmp_path)
@@ -92,6 +93,18 @@ def test_keys_the_saved_config_predates_count_as_their_default(tmp_path):
     old["train"]["removed_since"] = 1  # a key the tree no longer has cannot act on the run
     assert resume_changes(old, load_config(SMOKE)) == ([], [], [])
     assert resume_changes(old, load_config(SMOKE, ["optim.min_lr=1e-5"])).accept == ["optim.min_lr: 0.0 -> 1e-05"]
+
+
+def test_a_run_from_before_no_weight_decay_resumes_only_with_its_rule(tmp_path):
+    """Runs saved before optim.no_weight_decay spared every token: a resume under today's preset value
+    (the official rule, [] for MAE) would move cls_token and mask_token into the other param group, so
+    it is refused naming the key; the earlier list, given back, resumes with no change."""
+    old = saved(load_config(SMOKE), tmp_path)
+    del old["optim"]["no_weight_decay"]
+    with pytest.raises(ConfigError, match=r"optim.no_weight_decay: \['cls_token', 'mask_token', .*\] -> \[\]"):
+        check_resume(old, load_config(SMOKE), accept=True)
+    earlier = "optim.no_weight_decay=[cls_token,mask_token,pos_embed,decoder_pos_embed,dist_token,reg_token]"
+    assert resume_changes(old, load_config(SMOKE, [earlier])) == ([], [], [])
 
 
 def test_finetune_resume(tmp_path):

@@ -1,13 +1,17 @@
 """Parameter groups and the per-iteration schedule against MAE's formula."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from mae_scale.config import load_config
 from mae_scale.models import mae_vit_tiny_patch16
-from mae_scale.optim import cosine_lr, deepspeed_config, param_groups_weight_decay, set_lr
+from mae_scale.models.mim import build_mim
+from mae_scale.optim import build_optimizer, cosine_lr, deepspeed_config, param_groups_weight_decay, set_lr
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_schedule_warmup_peak_end():
@@ -42,6 +46,33 @@ def test_no_weight_decay_on_biases_norms_tokens_pos_embed():
     assert "decoder_pred.weight" in decay and "blocks.0.norm1.weight" in no_decay
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert decay | no_decay == trainable and not decay & no_decay
+
+
+def _decayed(model, optimizer) -> set[str]:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+
+
+def test_the_official_mae_rule_decays_the_tokens_too():
+    """The MAE preset's no_weight_decay=[]: every trainable matrix is decayed, cls_token and mask_token
+    included (the official script's add_weight_decay with an empty skip list); biases and norms never."""
+    cfg = load_config(ROOT / "configs/pretrain/mae_vit_tiny_smoke.yaml")
+    assert cfg.optim.no_weight_decay == []
+    model = mae_vit_tiny_patch16()
+    decayed = _decayed(model, build_optimizer(model, cfg))
+    matrices = {n for n, p in model.named_parameters() if p.requires_grad and p.ndim > 1}
+    assert decayed == matrices and {"cls_token", "mask_token"} <= decayed
+    earlier = load_config(ROOT / "configs/pretrain/mae_vit_tiny_smoke.yaml",
+                          ["optim.no_weight_decay=[cls_token,mask_token,pos_embed,decoder_pos_embed]"])
+    assert _decayed(model, build_optimizer(model, earlier)) == matrices - {"cls_token", "mask_token"}
+
+
+def test_the_official_simmim_rule_spares_cls_token_and_pos_embed_but_decays_mask_token():
+    cfg = load_config(ROOT / "configs/pretrain/mae_vit_tiny_smoke.yaml", ["optim.no_weight_decay=[cls_token,pos_embed]"])
+    model = build_mim("vit_tiny_patch4", "simmim", img_size=16)
+    decayed = _decayed(model, build_optimizer(model, cfg))
+    assert "mask_token" in decayed and "cls_token" not in decayed and "pos_embed" not in decayed
+    assert model.pos_embed.requires_grad and "blocks.0.attn.qkv.weight" in decayed
 
 
 def test_set_lr_applies_scale():
