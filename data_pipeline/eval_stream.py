@@ -59,12 +59,14 @@ class EvalStream(IterableDataset):
 
     def __init__(self, shardset: ShardSet, *, batch_size: int, rank: int, world_size: int,
                  num_workers: int, transform: Transform, keys: SampleKeys = DEFAULT_KEYS,
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, offset: int = 0) -> None:
         self.ss, self.batch_size, self.transform = shardset, batch_size, transform
         self.keys = keys
         self.W = max(num_workers, 1)
-        total = shardset.total if limit is None else min(limit, shardset.total)
-        self.lo, self.hi = split_range(total, world_size, rank)
+        left = max(shardset.total - offset, 0)
+        total = left if limit is None else min(limit, left)
+        lo, hi = split_range(total, world_size, rank)
+        self.lo, self.hi = offset + lo, offset + hi
         self.starts = [0]
         for c in shardset.counts:
             self.starts.append(self.starts[-1] + c)
@@ -197,24 +199,28 @@ def make_eval_loader(
     image_key: str | None = None,
     label_key: str | None = None,
     limit: int | None = None,
+    offset: int = 0,
 ) -> EvalLoader:
     """This rank's share of every sample of ``shards``, exactly once over all ranks, unshuffled
     (see the module docstring). ``transform``: ``(bytes, generator) -> uint8 [3, S, S]``, called
     with ``generator=None`` (e.g. ``EvalTransform``); it must be picklable when
     ``num_workers > 0``. Unlabelled samples (no ``label_key`` member or field, or a negative one:
     ``keys.py``) get label -1; ``image_key`` / ``label_key`` as in ``make_loader``. ``limit``: only
-    the first ``limit`` positions (a fixed subset, split over the ranks like the whole set)."""
+    the first ``limit`` positions (a fixed subset, split over the ranks like the whole set);
+    ``offset``: start at that position (two disjoint subsets of one set: offset = the first's limit)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
     if not callable(transform):
         raise ValueError(f"transform must be a callable (bytes, generator) -> uint8 [3, S, S], "
                          f"got {transform!r}")
     keys = parse_keys(image_key, label_key)
     ss = shards if isinstance(shards, ShardSet) else resolve_shards(shards)
     stream = EvalStream(ss, batch_size=batch_size, rank=rank, world_size=world_size,
-                        num_workers=num_workers, transform=transform, keys=keys, limit=limit)
+                        num_workers=num_workers, transform=transform, keys=keys, limit=limit, offset=offset)
     return EvalLoader(stream, num_workers, pin_memory)

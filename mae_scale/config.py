@@ -167,7 +167,8 @@ class MonitorConfig:
     knn_every_steps: int = doc(0, "Every this many steps (and before the first, and at the end): weighted k-NN top-1/top-5 of the encoder's "
                                "features (cls token and mean-pooled) on labelled shards (0: off).", range="[0, inf)")
     knn_train_shards: str = doc("", "Labelled shards the k-NN bank is made of (their first knn_train_samples).")
-    knn_val_shards: str = doc("", "Labelled shards the k-NN is scored on (their first knn_val_samples).")
+    knn_val_shards: str = doc("", "Labelled shards the k-NN is scored on (their first knn_val_samples). Empty: "
+                              "knn_train_shards is split, its first knn_val_samples the queries, the bank after them.")
     knn_train_samples: int = doc(10000, "Bank size.", range="[1, inf)")
     knn_val_samples: int = doc(2000, "Query samples.", range="[1, inf)")
     knn_k: int = doc(20, "Neighbours that vote (DINO: 20).", range="[1, inf)")
@@ -255,12 +256,17 @@ def _check_monitor(cfg: PretrainConfig, here: bool) -> None:
     mon, d = cfg.monitor, cfg.data
     needed = [("data.val_shards", d.val_shards, "monitor.every_steps", mon.every_steps)]
     needed += [(f"monitor.{key}", getattr(mon, key), "monitor.knn_every_steps", mon.knn_every_steps)
-               for key in ("knn_train_shards", "knn_val_shards")]
+               for key in ("knn_train_shards", "knn_val_shards") if key == "knn_train_shards" or getattr(mon, key)]
     for key, spec, switch, every in needed:
         if every and not spec:
             raise ConfigError(f"{switch}={every} needs {key}: point it at shards (or set {switch}=0)")
         if every and here:
-            checks.check_shards(key, spec, hint="shards written by `mae-scale make-shards`")
+            size = checks.check_shards(key, spec, hint="shards written by `mae-scale make-shards`")
+            if key == "monitor.knn_train_shards" and not mon.knn_val_shards and size is not None \
+                    and size <= mon.knn_val_samples:
+                raise ConfigError(f"monitor.knn_train_shards holds {size} samples, all of them k-NN queries "
+                                  f"(monitor.knn_val_samples={mon.knn_val_samples}) when monitor.knn_val_shards is "
+                                  "empty; the bank is what follows them: lower knn_val_samples or name knn_val_shards")
 
 
 def validate_training(cfg: Any) -> None:

@@ -102,6 +102,35 @@ def test_monitor_curve_resumes_and_training_is_unchanged(small_shards, tmp_path)
     assert not (tmp_path / "off" / "monitor.png").exists()
 
 
+def test_one_set_split_into_queries_and_bank(small_shards):
+    """Without knn_val_shards the k-NN splits knn_train_shards: the first knn_val_samples are the
+    queries, the bank the knn_train_samples after them; over 2 ranks each sample is read once."""
+    from data_pipeline.eval_stream import make_eval_loader
+    from data_pipeline.finetune_augment import EvalTransform
+
+    def keys(limit, offset):
+        out = []
+        for rank in (0, 1):
+            loader = make_eval_loader(small_shards, 7, rank=rank, world_size=2, transform=EvalTransform(32),
+                                      limit=limit, offset=offset)
+            out += [k for batch in loader for k in batch["key"]]
+        return out
+
+    everything = keys(None, 0)
+    queries, bank = keys(24, 0), keys(64, 24)
+    assert queries == everything[:24] and bank == everything[24:88]  # disjoint, in order, none twice
+    assert keys(1000, 120) == everything[120:]  # a limit past the end stops at the end
+
+    monitor, model = _monitor("mae", small_shards, batch_size=8)
+    mon = monitor.mon
+    mon.knn_train_shards, mon.knn_val_shards, mon.knn_train_samples, mon.knn_val_samples = str(small_shards), "", 64, 24
+    row = monitor.measure(model, heldout=False, knn=True)
+    assert row["knn_samples"] == 24 and 0 <= row["knn_top1_cls"] <= 100
+    with pytest.raises(ConfigError, match="all of them k-NN queries"):
+        load_config(SMOKE, ["monitor.knn_every_steps=10", f"monitor.knn_train_shards={small_shards}",
+                            "monitor.knn_val_samples=128"])
+
+
 @pytest.mark.parametrize("overrides,words", [
     (["monitor.every_steps=100"], "monitor.every_steps=100 needs data.val_shards"),
     (["monitor.knn_every_steps=100"], "monitor.knn_every_steps=100 needs monitor.knn_train_shards"),

@@ -9,7 +9,8 @@
 - Online k-NN (`monitor.knn_every_steps`, DINO's weighted k-NN, `mae_scale.knn`): the encoder's
   features without masking (cls token and mean of the patch tokens, both L2-normalized) of the
   first `knn_train_samples` of `monitor.knn_train_shards` as the bank and of `knn_val_samples` of
-  `monitor.knn_val_shards` as queries; top-1 / top-5.
+  `monitor.knn_val_shards` as queries; top-1 / top-5. Without `knn_val_shards` one set is split:
+  its first `knn_val_samples` are the queries and the bank is the `knn_train_samples` after them.
 
 The ranks share the work (each sample read and counted once, `data_pipeline.eval_stream`); a rank
 that runs out of batches keeps forwarding a dummy image while others still have some, so ZeRO-3's
@@ -70,16 +71,16 @@ class Monitor:
 
     # -- the data ------------------------------------------------------------------------------
 
-    def _batches(self, shards: str, limit: int, model: torch.nn.Module):
-        """This rank's batches of the first `limit` samples, normalized on the device; after the last
-        one, dummy forwards in lockstep until every rank is done (ZeRO-3)."""
+    def _batches(self, shards: str, limit: int, model: torch.nn.Module, offset: int = 0):
+        """This rank's batches of `limit` samples from position `offset`, normalized on the device;
+        after the last one, dummy forwards in lockstep until every rank is done (ZeRO-3)."""
         from data_pipeline.eval_stream import make_eval_loader
         from data_pipeline.finetune_augment import EvalTransform
 
         d = self.cfg.data
         loader = make_eval_loader(shards, self.mon.batch_size, rank=self.env.rank, world_size=self.env.world_size,
                                   transform=EvalTransform(d.input_size, crop_pct=EVAL_CROP_PCT),
-                                  image_key=d.image_key, label_key=d.label_key, limit=limit)
+                                  image_key=d.image_key, label_key=d.label_key, limit=limit, offset=offset)
         batches = iter(loader)
         while True:
             batch = next(batches, None)
@@ -102,11 +103,12 @@ class Monitor:
         total, count = all_reduce_sum(sums).tolist()
         return {"heldout_loss": total / count if count else float("nan"), "heldout_samples": int(count)}
 
-    def _features(self, model: torch.nn.Module, shards: str, limit: int) -> tuple[dict, torch.Tensor]:
-        """This rank's features {cls, mean} [n, D] and labels [n] of the first `limit` samples."""
+    def _features(self, model: torch.nn.Module, shards: str, limit: int,
+                  offset: int = 0) -> tuple[dict, torch.Tensor]:
+        """This rank's features {cls, mean} [n, D] and labels [n] of `limit` samples from `offset`."""
         feats: dict[str, list[torch.Tensor]] = {"cls": [], "mean": []}
         labels = []
-        for batch, imgs in self._batches(shards, limit, model):
+        for batch, imgs in self._batches(shards, limit, model, offset):
             for name, f in encoder_features(self.objective.features(model, imgs)).items():
                 feats[name].append(f)
             labels.append(batch["label"].to(self.env.device))
@@ -117,8 +119,10 @@ class Monitor:
 
     def _knn(self, model: torch.nn.Module) -> dict:
         mon = self.mon
-        bank, bank_labels = self._features(model, mon.knn_train_shards, mon.knn_train_samples)
-        query, query_labels = self._features(model, mon.knn_val_shards, mon.knn_val_samples)
+        split = not mon.knn_val_shards  # one set: the queries first, the bank after them
+        query, query_labels = self._features(model, mon.knn_val_shards or mon.knn_train_shards, mon.knn_val_samples)
+        bank, bank_labels = self._features(model, mon.knn_train_shards, mon.knn_train_samples,
+                                           offset=mon.knn_val_samples if split else 0)
         local_top = max([int(t.max()) for t in (bank_labels, query_labels) if len(t)] or [0])
         num_classes = _max_over_ranks(local_top, self.env.device) + 1  # labels 0..C-1: the largest names C
         row = {}
