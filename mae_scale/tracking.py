@@ -5,10 +5,17 @@ the rest of the process, so a tracking server that goes away never stops trainin
 store is SQLite beside the run directory (`RUN_DIR/../mlflow.db`, artifacts in
 `RUN_DIR/../mlartifacts`); `$MLFLOW_TRACKING_URI` or `tracking.tracking_uri` points elsewhere.
 A resumed run continues the same MLflow run (its id is kept in the checkpoint and the run dir).
+
+Runs started at once beside each other (a job array, a sweep) share that SQLite file; MLflow creates
+its tables on first use, and two processes doing so together collide ("duplicate column name"), and
+two creating one experiment find it missing and both create it. So creating the store, the
+experiment and the run is done under an exclusive flock on `mlflow.db.lock` beside the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import sys
 import time
@@ -24,6 +31,39 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 RUN_ID_FILE = "mlflow_run_id"
+STORE_LOCK_WAIT_S = 120.0  # creating the tables takes a few seconds; a sweep of many runs queues up
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(uri: str, wait_s: float = STORE_LOCK_WAIT_S, poll_s: float = 0.1):
+    """An exclusive flock on `<db>.lock` for a `sqlite:///` store (nothing for other stores). Where
+    the filesystem has no locks, or the wait runs out, it goes on without: as before the lock."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///"):])
+    path = db.with_name(db.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(poll_s)
+            except OSError:  # no locks on this filesystem
+                break
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def default_tracking_uri(run_dir: Path, configured: str = "") -> str:
@@ -63,7 +103,8 @@ class Tracker:
         if not self.enabled:
             return None
         run_id = run_id or self._recorded_run_id()
-        return self._guarded("start the run", self._start, run_name, params, run_id)
+        with sqlite_store_lock(self.uri):
+            return self._guarded("start the run", self._start, run_name, params, run_id)
 
     def _recorded_run_id(self) -> Optional[str]:
         path = self.run_dir / RUN_ID_FILE

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -117,3 +118,36 @@ def test_real_server_then_outage_mid_run(small_shards, tmp_path, mlflow_server):
     # What the server stored before it died is a real run with this run's params.
     stored = MlflowClient(f"sqlite:///{db}").get_run(run_id)
     assert stored.data.params["model.name"] == "mae_vit_tiny_patch16"
+
+
+def _start_tracker(db: str, run_dir: str, barrier, out) -> None:
+    from mae_scale.tracking import Tracker
+
+    Path(run_dir).mkdir(parents=True)
+    tracker = Tracker(True, f"sqlite:///{db}", "sweep", Path(run_dir))
+    barrier.wait()  # every process opens the fresh store at the same moment
+    out.put((run_dir, tracker.start(Path(run_dir).name, {"lr": 1}), tracker.enabled))
+
+
+@pytest.mark.timeout(300)
+def test_runs_starting_together_share_a_fresh_sqlite_store(tmp_path):
+    """A sweep starting at once beside each other: each creates the tables / the experiment on first
+    use; without the store lock two of them collide ('duplicate column name', the experiment created
+    twice) and those runs go on untracked."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    n = 4
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    db = tmp_path / "mlflow.db"
+    procs = [ctx.Process(target=_start_tracker, args=(str(db), str(tmp_path / f"run{i}"), barrier, out))
+             for i in range(n)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=240) for _ in range(n)]
+    for p in procs:
+        p.join(60)
+    assert all(enabled and run_id for _, run_id, enabled in results), results
+    client = MlflowClient(f"sqlite:///{db}")
+    [exp] = [e for e in client.search_experiments() if e.name == "sweep"]
+    assert sorted(r.info.run_id for r in client.search_runs([exp.experiment_id])) == sorted(r for _, r, _ in results)
