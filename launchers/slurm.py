@@ -38,6 +38,10 @@ MAX_NUM_TIMEOUT = 1000
 RUN_FILES = (CONFIG, ATTEMPTS, "checkpoints", "slurm_jobs.jsonl", RESULT, ".lock", METRICS, SUBMITIT_DIR)
 CLUSTER_KEYS = {"partition", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "account", "qos",
                 "constraint", "exclusive", "time", "setup", "signal_delay_s", "additional_parameters"}
+# What each key of a cluster preset must be (YAML reads `cpus_per_task: ten` as text, which would
+# otherwise end in a traceback at submit time); null is always allowed and means the default.
+_WHOLE_NUMBER = ("gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s")
+_TEXT = ("partition", "mem", "account", "qos", "constraint", "time")
 
 
 def master_port(job_id: str) -> int:
@@ -145,7 +149,28 @@ def load_cluster_preset(path: Optional[str]) -> dict:
     unknown = sorted(set(data) - CLUSTER_KEYS)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]} in cluster preset {path}; allowed: {', '.join(sorted(CLUSTER_KEYS))}")
+    for key, value in data.items():
+        if value is not None and _wrong_type(key, value):
+            raise ConfigError(f"{key}: {value!r} in cluster preset {path} must be {_expected(key)}")
     return data
+
+
+def _wrong_type(key: str, value: Any) -> bool:
+    if key in _WHOLE_NUMBER:
+        return isinstance(value, bool) or not isinstance(value, int)
+    if key in _TEXT:  # `mem: 64G` is text, `time: 120` (minutes) a number: both are what sbatch takes
+        return isinstance(value, bool) or not isinstance(value, (str, int))
+    if key == "exclusive":
+        return not isinstance(value, bool)
+    if key == "setup":
+        return not isinstance(value, list) or not all(isinstance(line, str) for line in value)
+    return not isinstance(value, dict)  # additional_parameters
+
+
+def _expected(key: str) -> str:
+    return {**dict.fromkeys(_WHOLE_NUMBER, "a whole number"), **dict.fromkeys(_TEXT, "text"),
+            "exclusive": "true or false", "setup": "a list of shell lines",
+            "additional_parameters": "a mapping of sbatch options"}[key]
 
 
 def _resolved(args: argparse.Namespace) -> dict:

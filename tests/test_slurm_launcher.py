@@ -64,6 +64,30 @@ def test_bad_input_is_one_line_and_status_2(small_shards, tmp_path, capsys, bad,
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("line, message", [
+    ("cpus_per_task: ten", "cpus_per_task: 'ten' in cluster preset"),
+    ("gpus_per_node: 1.5", "gpus_per_node: 1.5 in cluster preset"),
+    ("signal_delay_s: true", "must be a whole number"),
+    ("exclusive: 'yes'", "exclusive: 'yes' in cluster preset"),
+    ("setup: module load cuda", "must be a list of shell lines"),
+    ("additional_parameters: [a, b]", "must be a mapping of sbatch options"),
+    ("mem: [64G]", "mem: ['64G'] in cluster preset"),
+])
+def test_a_cluster_preset_value_of_the_wrong_type_is_one_line(small_shards, tmp_path, capsys, line, message):
+    preset = tmp_path / "cluster.yaml"
+    preset.write_text(f"partition: gpu\n{line}\n")
+    args = _submit_args(small_shards, tmp_path / "run", extra=["--dry-run", "--cluster", str(preset)])
+    assert launcher.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_shipped_cluster_presets_load():
+    for preset in (ROOT / "configs/cluster").glob("*.yaml"):
+        assert launcher.load_cluster_preset(str(preset)), preset
+
+
 def test_master_port_from_job_id():
     assert launcher.master_port("123") == launcher.master_port("123") and 20000 <= launcher.master_port("999999") < 40000
     assert launcher.master_port("100") != launcher.master_port("101")
