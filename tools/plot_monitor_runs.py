@@ -43,7 +43,9 @@ def main() -> None:
             raise SystemExit(f"error: {spec!r} is not LABEL=RUN_DIR")
         panels.setdefault(panel, []).append((label, Path(run_dir)))
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 3.6), squeeze=False, sharey=True)
+    width = 6.4 if len(panels) == 1 else 4.8  # per panel
+    height = 3.8 if len(panels) == 1 else 4.6
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels), height), squeeze=False, sharey=True)
     for ax, (panel, runs) in zip(axes[0], panels.items()):
         for color, (label, run_dir) in zip(COLORS, runs):
             share, cls, mean = knn_curve(run_dir)
@@ -52,11 +54,15 @@ def main() -> None:
         ax.set_title(panel or args.title)
         ax.set_xlabel("share of the pretraining run (0 = initial weights)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2 if len(runs) > 2 else 1)
+        if len(panels) == 1:
+            ax.legend(fontsize=7, ncol=2 if len(runs) > 2 else 1)
     axes[0, 0].set_ylabel("k-NN top-1 % (10k bank, 2k test queries)")
+    if len(panels) > 1:  # one legend below the panels (the runs of each panel are labelled alike)
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(handles), 4), fontsize=8)
     if args.title and any(panels):
         fig.suptitle(args.title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.16 if len(panels) > 1 else 0, 1, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out}")
