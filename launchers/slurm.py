@@ -23,7 +23,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import submitit
 
@@ -36,12 +36,19 @@ MAX_NUM_TIMEOUT = 1000
 # What a run leaves in its directory (the trainer, `submit`); `status` on a folder with none of them
 # is a wrong path, not a run that has not started.
 RUN_FILES = (CONFIG, ATTEMPTS, "checkpoints", "slurm_jobs.jsonl", RESULT, ".lock", METRICS, SUBMITIT_DIR)
-CLUSTER_KEYS = {"partition", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem", "account", "qos",
-                "constraint", "exclusive", "time", "setup", "signal_delay_s", "additional_parameters"}
-# What each key of a cluster preset must be (YAML reads `cpus_per_task: ten` as text, which would
-# otherwise end in a traceback at submit time); null is always allowed and means the default.
-_WHOLE_NUMBER = ("gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s")
-_TEXT = ("partition", "mem", "account", "qos", "constraint", "time")
+# Every key a cluster preset may hold: what its value must be, and how to say so (YAML reads
+# `cpus_per_task: ten` as text, which would otherwise end in a traceback at submit time); null is
+# always allowed and means the default. `mem: 64G` is text, `time: 120` (minutes) a number: both
+# are what sbatch takes.
+_WHOLE_NUMBER = (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number")
+_TEXT = (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "text")
+CLUSTER_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("gpus_per_node", "tasks_per_node", "cpus_per_task", "signal_delay_s"), _WHOLE_NUMBER),
+    **dict.fromkeys(("partition", "mem", "account", "qos", "constraint", "time"), _TEXT),
+    "exclusive": (lambda v: isinstance(v, bool), "true or false"),
+    "setup": (lambda v: isinstance(v, list) and all(isinstance(line, str) for line in v), "a list of shell lines"),
+    "additional_parameters": (lambda v: isinstance(v, dict), "a mapping of sbatch options"),
+}
 
 
 def master_port(job_id: str) -> int:
@@ -146,31 +153,14 @@ def load_cluster_preset(path: Optional[str]) -> dict:
     data = yaml.safe_load(p.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"cluster preset {path} must hold a mapping")
-    unknown = sorted(set(data) - CLUSTER_KEYS)
+    unknown = sorted(set(data) - set(CLUSTER_KEYS))
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]} in cluster preset {path}; allowed: {', '.join(sorted(CLUSTER_KEYS))}")
     for key, value in data.items():
-        if value is not None and _wrong_type(key, value):
-            raise ConfigError(f"{key}: {value!r} in cluster preset {path} must be {_expected(key)}")
+        fits, expected = CLUSTER_KEYS[key]
+        if value is not None and not fits(value):
+            raise ConfigError(f"{key}: {value!r} in cluster preset {path} must be {expected}")
     return data
-
-
-def _wrong_type(key: str, value: Any) -> bool:
-    if key in _WHOLE_NUMBER:
-        return isinstance(value, bool) or not isinstance(value, int)
-    if key in _TEXT:  # `mem: 64G` is text, `time: 120` (minutes) a number: both are what sbatch takes
-        return isinstance(value, bool) or not isinstance(value, (str, int))
-    if key == "exclusive":
-        return not isinstance(value, bool)
-    if key == "setup":
-        return not isinstance(value, list) or not all(isinstance(line, str) for line in value)
-    return not isinstance(value, dict)  # additional_parameters
-
-
-def _expected(key: str) -> str:
-    return {**dict.fromkeys(_WHOLE_NUMBER, "a whole number"), **dict.fromkeys(_TEXT, "text"),
-            "exclusive": "true or false", "setup": "a list of shell lines",
-            "additional_parameters": "a mapping of sbatch options"}[key]
 
 
 def _resolved(args: argparse.Namespace) -> dict:
