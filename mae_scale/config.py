@@ -254,19 +254,21 @@ def _check_monitor(cfg: PretrainConfig, here: bool) -> None:
     from mae_scale import config_checks as checks
 
     mon, d = cfg.monitor, cfg.data
-    needed = [("data.val_shards", d.val_shards, "monitor.every_steps", mon.every_steps)]
-    needed += [(f"monitor.{key}", getattr(mon, key), "monitor.knn_every_steps", mon.knn_every_steps)
-               for key in ("knn_train_shards", "knn_val_shards") if key == "knn_train_shards" or getattr(mon, key)]
+    needed = [("data.val_shards", d.val_shards, "monitor.every_steps", mon.every_steps),
+              ("monitor.knn_train_shards", mon.knn_train_shards, "monitor.knn_every_steps", mon.knn_every_steps)]
+    if mon.knn_val_shards:  # else knn_train_shards is split into queries and bank
+        needed.append(("monitor.knn_val_shards", mon.knn_val_shards, "monitor.knn_every_steps", mon.knn_every_steps))
+    sizes = {}
     for key, spec, switch, every in needed:
         if every and not spec:
             raise ConfigError(f"{switch}={every} needs {key}: point it at shards (or set {switch}=0)")
         if every and here:
-            size = checks.check_shards(key, spec, hint="shards written by `mae-scale make-shards`")
-            if key == "monitor.knn_train_shards" and not mon.knn_val_shards and size is not None \
-                    and size <= mon.knn_val_samples:
-                raise ConfigError(f"monitor.knn_train_shards holds {size} samples, all of them k-NN queries "
-                                  f"(monitor.knn_val_samples={mon.knn_val_samples}) when monitor.knn_val_shards is "
-                                  "empty; the bank is what follows them: lower knn_val_samples or name knn_val_shards")
+            sizes[key] = checks.check_shards(key, spec, hint="shards written by `mae-scale make-shards`")
+    split_size = None if mon.knn_val_shards else sizes.get("monitor.knn_train_shards")
+    if split_size is not None and split_size <= mon.knn_val_samples:
+        raise ConfigError(f"monitor.knn_train_shards holds {split_size} samples, all of them k-NN queries "
+                          f"(monitor.knn_val_samples={mon.knn_val_samples}) when monitor.knn_val_shards is "
+                          "empty; the bank is what follows them: lower knn_val_samples or name knn_val_shards")
 
 
 def validate_training(cfg: Any) -> None:

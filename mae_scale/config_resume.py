@@ -23,7 +23,8 @@ Every leaf key of both config trees is in exactly one of three classes (a test k
   stored), train.global_batch_size (the position in the epoch is counted in global batches), and
   optimizer settings that live in the checkpoint's optimizer state (optim.name, betas, weight_decay,
   no_weight_decay, layer_decay, momentum: torch restores the param-group values on load, so a new one
-  would silently not apply; a new no_weight_decay moves parameters between the groups). The world size is not in the config: a checkpoint is resharded to any world size.
+  would silently not apply; a new no_weight_decay moves parameters between the groups). The world
+  size is not in the config: a checkpoint is resharded to any world size.
 """
 
 from __future__ import annotations

@@ -19,14 +19,13 @@ from mae_scale.config import TOKEN_NAMES, PretrainConfig, deep_merge, peak_lr
 NO_DECAY_NAMES = TOKEN_NAMES
 
 
-def skips_weight_decay(name: str, param: torch.Tensor, exempt: tuple[str, ...] = NO_DECAY_NAMES) -> bool:
+def skips_weight_decay(name: str, param: torch.Tensor, exempt: tuple[str, ...]) -> bool:
     """Biases and norm weights (every 1-d parameter) never get decay; nor do the tokens / position
     embeddings named in `exempt` (the rest of their kind are decayed like any matrix)."""
     return param.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in exempt
 
 
-def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float,
-                              exempt: tuple[str, ...] = NO_DECAY_NAMES) -> list[dict]:
+def param_groups_weight_decay(model: torch.nn.Module, weight_decay: float, exempt: tuple[str, ...]) -> list[dict]:
     """Two groups: decayed and not decayed; frozen parameters (fixed sin-cos embeddings) are left out."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():

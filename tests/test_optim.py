@@ -9,7 +9,7 @@ import torch
 from mae_scale.config import load_config
 from mae_scale.models import mae_vit_tiny_patch16
 from mae_scale.models.mim import build_mim
-from mae_scale.optim import build_optimizer, cosine_lr, deepspeed_config, param_groups_weight_decay, set_lr
+from mae_scale.optim import NO_DECAY_NAMES, build_optimizer, cosine_lr, deepspeed_config, param_groups_weight_decay, set_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def test_schedule_warmup_peak_end():
 
 def test_no_weight_decay_on_biases_norms_tokens_pos_embed():
     model = mae_vit_tiny_patch16()
-    groups = param_groups_weight_decay(model, 0.05)
+    groups = param_groups_weight_decay(model, 0.05, NO_DECAY_NAMES)  # every token spared: the earlier rule
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {names[id(p)] for g in groups if g["weight_decay"] == 0.05 for p in g["params"]}
