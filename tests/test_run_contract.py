@@ -80,8 +80,11 @@ def test_second_signal_stops_at_once_and_a_slow_save_is_not_started(small_shards
     """signal_grace_s=0: the last save took longer, so the first SIGTERM stops without saving; the
     newest checkpoint is the last cadence save, complete and loadable."""
     out = tmp_path / "run"
+    # Batches of 64 (not 16): a step long enough that the second SIGTERM, 50 ms after the first,
+    # lands while the first is being handled, not after the stopped run gave the handlers back.
     args = base_overrides(small_shards, out, **{"train.max_steps": 200, "checkpoint.every_steps": 2,
-                                                "checkpoint.signal_grace_s": 0})
+                                                "checkpoint.signal_grace_s": 0, "train.global_batch_size": 64,
+                                                "train.micro_batch_size": 32, "train.epochs": 40})
     proc = _start(args)
     _wait_for_rows(out, 3, proc)
     os.killpg(proc.pid, signal.SIGTERM)
@@ -98,7 +101,8 @@ def test_second_signal_stops_at_once_and_a_slow_save_is_not_started(small_shards
     assert proc.returncode == 128 + signal.SIGTERM and "again: stopping at once" in stderr
     newest = complete_checkpoints(out / "checkpoints")[-1][0]
     run_pretrain(base_overrides(small_shards, out, **{"train.max_steps": newest + 2, "checkpoint.every_steps": 2,
-                                                      "checkpoint.signal_grace_s": 0}))
+                                                      "checkpoint.signal_grace_s": 0, "train.global_batch_size": 64,
+                                                      "train.micro_batch_size": 32, "train.epochs": 40}))
 
 
 def test_resume_refuses_config_changes_it_cannot_take_silently(small_shards, tmp_path):
